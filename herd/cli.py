@@ -1,0 +1,40 @@
+"""The `herd` command: a table of subcommands, each defined beside the code it runs.
+
+Every entry names a module that exposes `add_parser(subparsers)`; that function declares the
+subcommand's flags and sets `func` to the function to call with the parsed arguments. Modules are
+imported only when their subcommand is listed here, so `herd --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> module defining add_parser(subparsers)
+COMMANDS = {
+    "params": "herd.params",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="herd", description="Llama 4, readable, end to end.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, module in COMMANDS.items():
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except (ValueError, FileNotFoundError) as e:  # user errors: a message, not a traceback
+        print(f"herd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
