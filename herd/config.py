@@ -62,7 +62,6 @@ class TextConfig:
     moe_layers: list[int] | None = None
     max_position_embeddings: int = 131072
     initializer_range: float = 0.02
-    tie_word_embeddings: bool = False
     bos_token_id: int | None = 200000
     eos_token_id: int | list[int] | None = 200001
     pad_token_id: int | None = 200018
@@ -115,7 +114,6 @@ class VisionConfig:
     num_hidden_layers: int = 34
     num_attention_heads: int = 16
     intermediate_size: int = 5632  # encoder MLP width; also the pixel-shuffled width (HF ties them)
-    norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     pixel_shuffle_ratio: float = 0.5
     projector_input_dim: int = 4096  # adapter width
@@ -185,7 +183,8 @@ MULTIMODAL_ARCH = "Llama4ForConditionalGeneration"
 TEXT_ARCH = "Llama4ForCausalLM"
 
 # HF fields herd reads but whose only supported value is fixed: a different value is an error.
-_TEXT_FIXED = {"hidden_act": "silu", "attention_bias": False}
+_TEXT_FIXED = {"hidden_act": "silu", "attention_bias": False, "tie_word_embeddings": False}
+# (`vision_config.norm_eps` is ignored, as in the HF reference: its LayerNorms always use 1e-5.)
 _VISION_FIXED = {"hidden_act": "gelu", "multi_modal_projector_bias": False, "num_channels": 3}
 _VISION_ACCEPTED = {"vision_feature_select_strategy": "default", "vision_feature_layer": -1}
 
@@ -280,7 +279,7 @@ def text_to_hf(t: TextConfig) -> dict:
     d["interleave_moe_layer_step"] = t.interleave_moe_layer_step
     d["layer_types"] = ["chunked_attention" if t.uses_rope(i) else "full_attention"
                         for i in range(t.num_hidden_layers)]
-    d.update(model_type="llama4_text", hidden_act="silu", attention_bias=False)
+    d.update(model_type="llama4_text", hidden_act="silu", attention_bias=False, tie_word_embeddings=False)
     return d
 
 
@@ -290,7 +289,7 @@ def to_hf_dict(cfg: ModelConfig) -> dict:
         return {"architectures": [TEXT_ARCH], **text, "torch_dtype": "float32"}
     vision = dataclasses.asdict(cfg.vision)
     vision["rope_parameters"] = {"rope_type": "default", "rope_theta": vision.pop("rope_theta")}
-    vision.update(model_type="llama4_vision_model", hidden_act="gelu", multi_modal_projector_bias=False,
+    vision.update(model_type="llama4_vision_model", hidden_act="gelu", multi_modal_projector_bias=False, norm_eps=1e-5,
                   vision_feature_select_strategy="default", vision_feature_layer=-1)
     return {
         "architectures": [MULTIMODAL_ARCH], "model_type": "llama4",

@@ -75,8 +75,8 @@ def behemoth() -> ModelConfig:
     Published: 16 routed experts, top-1, a shared expert, ~288B active and ~2T total parameters,
     the Llama 4 vocabulary and vision tower. Assumed here (no public shape exists): hidden size
     16384, 74 layers all MoE, 128 query heads and 8 KV heads of dim 128, expert and shared-expert
-    width 32768, QK-norm and RoPE settings as Scout without scaling. These give 287.8B active and
-    2.07T total (see `herd params behemoth`)."""
+    width 32768, QK-norm and RoPE settings as Scout without scaling. These give 287.2B active and
+    2.08T total (see `herd params behemoth`)."""
     text = _llama4_text(hidden_size=16384, num_hidden_layers=74, num_attention_heads=128,
                         num_key_value_heads=8, intermediate_size=32768, intermediate_size_mlp=65536,
                         num_local_experts=16, interleave_moe_layer_step=1, use_qk_norm=True)

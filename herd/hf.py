@@ -1,0 +1,169 @@
+"""Hugging Face checkpoints in and out (SPEC 4).
+
+herd's module names follow the reference's inside each block, so the mapping is a short table of
+prefixes, read top to bottom in either direction. Expert weights already share the HF layout
+([E, D, 2I] and [E, I, D], no `.weight` suffix), so no tensor is transposed or split.
+
+Loading builds the model on the meta device and assigns each tensor as safetensors reads it
+(memory-mapped), so the weights are never held twice, and keeps the checkpoint's dtype unless
+`dtype` says otherwise. Every tensor is checked: a missing, unexpected or wrongly shaped one is an
+error that names it; nothing the checkpoint should provide is ever random-initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import ModelConfig, read_hf_config, to_hf_dict
+from .model import Llama4
+
+# (herd prefix, HF prefix in Llama4ForConditionalGeneration, HF prefix in Llama4ForCausalLM)
+KEY_TABLE = [
+    ("embed_tokens.", "language_model.model.embed_tokens.", "model.embed_tokens."),
+    ("layers.", "language_model.model.layers.", "model.layers."),
+    ("norm.", "language_model.model.norm.", "model.norm."),
+    ("lm_head.", "language_model.lm_head.", "lm_head."),
+    ("vision.patch_embedding.", "vision_model.patch_embedding.linear.", None),
+    ("vision.layers.", "vision_model.model.layers.", None),
+    ("vision.adapter.", "vision_model.vision_adapter.mlp.", None),
+    ("vision.", "vision_model.", None),  # class/positional embeddings, layernorm_pre/post
+    ("projector.", "multi_modal_projector.linear_1.", None),
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the model its config describes."""
+
+
+def _rename(name: str, src: int, dst: int) -> str | None:
+    for row in KEY_TABLE:
+        if row[src] is not None and row[dst] is not None and name.startswith(row[src]):
+            return row[dst] + name[len(row[src]):]
+    return None
+
+
+def to_hf_key(name: str, multimodal: bool) -> str:
+    key = _rename(name, 0, 1 if multimodal else 2)
+    assert key is not None, f"no HF name for herd parameter {name}"
+    return key
+
+
+def from_hf_key(key: str, multimodal: bool) -> str | None:
+    return _rename(key, 1 if multimodal else 2, 0)
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are not in {path}: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise CheckpointError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json "
+                          "(herd reads safetensors only; convert .bin/.pth checkpoints first)")
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, leaf = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    config: ModelConfig | None = None) -> Llama4:
+    """Loads a directory in the Hugging Face Llama 4 layout (one file or shards with an index)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path} is not a directory; herd.from_pretrained expects a checkpoint "
+                                "directory holding config.json and safetensors weights")
+    config = config or read_hf_config(path)
+    multimodal = config.vision is not None
+    with torch.device("meta"):
+        model = Llama4(config)
+    expected = {name: p.shape for name, p in model.named_parameters()}
+    seen: set[str] = set()
+    for file in _checkpoint_files(path):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for key in f.keys():
+                name = from_hf_key(key, multimodal)
+                if name is None or name not in expected:
+                    raise CheckpointError(
+                        f"unexpected tensor {key!r} in {file.name}: the config describes a "
+                        f"{'multimodal' if multimodal else 'text-only'} model without it (does config.json "
+                        "match these weights?)")
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(expected[name]):
+                    raise CheckpointError(f"tensor {key!r} in {file.name} has shape {list(shape)}, but the config "
+                                          f"gives {list(expected[name])}")
+                tensor = f.get_tensor(key)
+                _assign(model, name, tensor.to(dtype) if dtype is not None else tensor)
+                seen.add(name)
+    missing = [to_hf_key(n, multimodal) for n in expected if n not in seen]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s) the config needs: "
+                              f"{', '.join(missing[:5])}{more}")
+    return model.eval()
+
+
+def _write_atomic(target: Path, write):
+    """Writes through a temporary file in the same directory, then renames: a crash never leaves a
+    half-written file under the final name."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_pretrained(model: Llama4, path: str | Path, max_shard_size: int = 5 * 2**30):
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    multimodal = model.config.vision is not None
+    tensors = {to_hf_key(n, multimodal): p.detach().contiguous() for n, p in model.named_parameters()}
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][key] = t
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+
+    for name, shard in zip(names, shards):
+        _write_atomic(path / name, lambda tmp, shard=shard: save_file(shard, tmp, metadata={"format": "pt"}))
+    index_file = path / "model.safetensors.index.json"
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
+        _write_atomic(index_file, lambda tmp: Path(tmp).write_text(json.dumps(index, indent=2)))
+    else:
+        index_file.unlink(missing_ok=True)
+    for old in path.glob("model*.safetensors"):  # shards of an earlier save, removed only now
+        if old.name not in names:
+            old.unlink()
+    config = to_hf_dict(model.config)
+    dtype = str(model.dtype).removeprefix("torch.")
+    (config["text_config"] if multimodal else config)["torch_dtype"] = dtype
+    config["torch_dtype"] = dtype
+    _write_atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))

@@ -1,0 +1,128 @@
+"""iRoPE attention: chunked RoPE layers and global NoPE layers (SPEC 2.1).
+
+Who may see whom is decided by *positions and documents*, not by tensor indices: query q sees key
+k iff both belong to the same document, pos[k] <= pos[q], and, on RoPE layers, both positions
+fall in the same chunk (pos // chunk_size). Padding is a document of its own, positions count from
+each sequence's first real token, so left-padded batches, packed documents, chunked prefill and
+cached decoding all follow the one rule (`attention_mask`).
+
+Fast path: a batch with no padding, no packing and no cache (training, most benchmarks) needs no
+mask at all. Global layers use causal SDPA; chunked layers fold each chunk into the batch and run
+causal SDPA per chunk, so their cost grows with T * chunk rather than T^2. `test_attention`
+checks it against the explicit mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+from .norm import rms_normalize
+from .rope import apply_rope
+
+
+@dataclass
+class TokenLayout:
+    """Where the tokens of one forward call sit. positions [B, T] count from each document's first
+    real token; documents [B, T] tell documents (and padding, -1) apart, None meaning one document
+    per row. `plain` promises one unpadded document per row at positions 0..T-1: the mask-free
+    fast path."""
+
+    positions: torch.Tensor
+    documents: torch.Tensor | None = None
+    plain: bool = False
+
+
+class KVCache(Protocol):
+    """What attention needs from a KV cache (herd.inference implements it): store this call's keys
+    and values for `layer` and return every key/value the queries may need, with their positions
+    and documents ([B, S] each; documents None when plain)."""
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout
+               ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]: ...
+
+
+def attention_mask(q: TokenLayout, k: TokenLayout, chunk_size: int | None) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S]: True where query t may attend to key s."""
+    q_pos, k_pos = q.positions[:, :, None], k.positions[:, None, :]
+    mask = k_pos <= q_pos
+    if q.documents is not None or k.documents is not None:
+        q_doc = q.documents if q.documents is not None else torch.zeros_like(q.positions)
+        k_doc = k.documents if k.documents is not None else torch.zeros_like(k.positions)
+        mask = mask & (k_doc[:, None, :] == q_doc[:, :, None])
+    if chunk_size is not None:
+        mask = mask & (k_pos // chunk_size == q_pos // chunk_size)
+    return mask[:, None]
+
+
+def temperature_scale(positions: torch.Tensor, attn_scale: float, floor_scale: int) -> torch.Tensor:
+    """Query multiplier of NoPE layers: 1 + attn_scale * ln(1 + floor((p + 1) / floor_scale)),
+    exactly 1 below floor_scale - 1, so it only changes long-context behaviour."""
+    return 1.0 + attn_scale * torch.log1p(torch.floor((positions.float() + 1.0) / floor_scale))
+
+
+def chunked_causal_sdpa(q, k, v, chunk: int) -> torch.Tensor:
+    """Causal attention within consecutive chunks of `chunk` tokens, for inputs [B, T, heads, Dh]
+    whose positions are 0..T-1. Returns [B, T, H, Dh]."""
+    B, T, H, Dh = q.shape
+    n = -(-T // chunk)  # number of chunks
+    if T % chunk:  # pad the last chunk; padded keys come after every real query, so stay unseen
+        pad = (0, 0, 0, 0, 0, n * chunk - T)
+        q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
+
+    def fold(x):  # [B, n*C, heads, Dh] -> [B*n, heads, C, Dh]
+        return x.reshape(B * n, chunk, x.shape[2], Dh).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(fold(q), fold(k), fold(v), is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2).reshape(B, n * chunk, H, Dh)[:, :T]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.use_rope = cfg.uses_rope(layer)
+        self.chunk_size = cfg.attention_chunk_size if self.use_rope else None
+        self.qk_norm_eps = cfg.rms_norm_eps if (cfg.use_qk_norm and self.use_rope) else None
+        self.temperature = (cfg.attn_scale, cfg.floor_scale) if (cfg.attn_temperature_tuning and not self.use_rope) else None
+        D, Dh = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(D, self.n_heads * Dh, bias=False)
+        self.k_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=False)
+        self.v_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: TokenLayout,
+                cache: KVCache | None = None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # [B, T, H, Dh]
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # [B, T, K, Dh]
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.qk_norm_eps is not None:  # after RoPE, per head, no weight (Scout; not Maverick)
+                q, k = rms_normalize(q, self.qk_norm_eps), rms_normalize(k, self.qk_norm_eps)
+        elif self.temperature is not None:
+            q = (q * temperature_scale(layout.positions, *self.temperature)[..., None, None]).type_as(q)
+
+        if cache is None and layout.plain:
+            if self.chunk_size is None or T <= self.chunk_size:
+                out = F.scaled_dot_product_attention(
+                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+                ).transpose(1, 2)
+            else:
+                out = chunked_causal_sdpa(q, k, v, self.chunk_size)
+        else:
+            k_layout = layout
+            if cache is not None:
+                k, v, k_layout = cache.update(self.layer, k, v, layout)
+            mask = attention_mask(layout, k_layout, self.chunk_size)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
+            ).transpose(1, 2)
+        return self.o_proj(out.reshape(B, T, -1))

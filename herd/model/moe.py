@@ -1,0 +1,118 @@
+"""Feed-forward layers: the dense SwiGLU and the token-choice mixture of experts (SPEC 2.2).
+
+The MoE computes only what is routed: (token, expert) pairs are sorted by expert so that each
+expert runs one matmul over its contiguous slice, and results are scatter-added back. Its cost
+grows with top-k, not with the number of experts. The references instead run every expert on
+every token and zero the unchosen ones (`moe_reference` below keeps that form as the slow, obvious
+twin that the tests compare against).
+
+Expert weights keep the Hugging Face layout, [E, D, 2I] (gate columns, then up) and [E, I, D],
+already [in, out] for `x @ W`, so checkpoints map one to one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TextConfig
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the dense layers and the shared expert."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass
+class RouterStats:
+    """What one MoE layer saw in a forward call, for load balancing and analytics."""
+
+    logits: torch.Tensor  # [N_tokens, E] router logits (before any selection bias)
+    counts: torch.Tensor  # [E] tokens routed to each expert (int64)
+
+
+def _use_grouped_mm(x: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on Hopper-class GPUs in bf16; everything else takes the loop."""
+    return (x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+            and torch.cuda.get_device_capability(x.device) >= (9, 0))
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored as stacked weights, applied to tokens already sorted by expert."""
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))  # [E, D, 2I]
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, dim))  # [E, I, D]
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, D] sorted by expert, counts [E] -> [N, D]."""
+        if _use_grouped_mm(x):
+            offsets = counts.cumsum(0).to(torch.int32)
+            gate, up = torch._grouped_mm(x, self.gate_up_proj, offs=offsets).chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(gate) * up, self.down_proj, offs=offsets)
+        outs = []
+        for e, x_e in enumerate(torch.split(x, counts.tolist())):
+            if x_e.shape[0] == 0:
+                continue
+            gate, up = (x_e @ self.gate_up_proj[e]).chunk(2, dim=-1)  # [n_e, I] each
+            outs.append((F.silu(gate) * up) @ self.down_proj[e])  # [n_e, D]
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+class MoE(nn.Module):
+    """out = shared(x) + sum over the top-k experts e of expert_e(sigmoid(logit_e) * x).
+
+    The gate scales the expert's *input*; with SwiGLU that differs from scaling its output.
+    """
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.num_experts, self.top_k = cfg.num_local_experts, cfg.num_experts_per_tok
+        self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
+        self.experts = Experts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size)
+        self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])  # [N, D]
+        logits = self.router(x)  # [N, E]
+        top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
+        gates = torch.sigmoid(top_logits.float()).to(x.dtype)  # not softmax, not renormalised
+
+        # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.
+        flat_experts = top_experts.flatten()  # [N*k]
+        order = torch.argsort(flat_experts, stable=True)
+        token_of_pair = order // self.top_k
+        counts = torch.bincount(flat_experts, minlength=self.num_experts)
+        routed_in = x[token_of_pair] * gates.flatten()[order, None]  # [N*k, D]
+        routed_out = self.experts(routed_in, counts)
+
+        out = self.shared_expert(x).index_add(0, token_of_pair, routed_out)
+        return out.view(shape), RouterStats(logits=logits, counts=counts)
+
+
+def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """The references' dense form: every expert on every token, unchosen gates zero. O(E) cost;
+    for tests only."""
+    x = x.reshape(-1, x.shape[-1])
+    logits = moe.router(x)
+    top_logits, top_experts = torch.topk(logits, moe.top_k, dim=-1)
+    scores = torch.full_like(logits, float("-inf")).scatter(1, top_experts, top_logits)
+    gates = torch.sigmoid(scores.float()).to(x.dtype)  # sigmoid(-inf) = 0 for unchosen experts
+    out = moe.shared_expert(x)
+    for e in range(moe.num_experts):
+        gate, up = (x * gates[:, e : e + 1] @ moe.experts.gate_up_proj[e]).chunk(2, dim=-1)
+        out = out + (F.silu(gate) * up) @ moe.experts.down_proj[e]
+    return out
