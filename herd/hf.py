@@ -83,8 +83,9 @@ def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    config: ModelConfig | None = None) -> Llama4:
-    """Loads a directory in the Hugging Face Llama 4 layout (one file or shards with an index)."""
+                    config: ModelConfig | None = None, quantize: str | None = None) -> Llama4:
+    """Loads a directory in the Hugging Face Llama 4 layout (one file or shards with an index).
+    `quantize` ("int8", "int4", "fp8") swaps in weight-only quantized layers (herd.quant)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; herd.from_pretrained expects a checkpoint "
@@ -116,6 +117,10 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s) the config needs: "
                               f"{', '.join(missing[:5])}{more}")
+    if quantize is not None:
+        from .quant import quantize_
+
+        quantize_(model, quantize)
     return model.eval()
 
 

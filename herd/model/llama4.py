@@ -114,10 +114,11 @@ class Llama4(nn.Module):
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                layout: TokenLayout | None = None) -> Llama4Output:
+                layout: TokenLayout | None = None, logits_to_keep: int | None = None) -> Llama4Output:
         """input_ids [B, T]; pixel_values [N_tiles, C, S, S]; attention_mask [B, T] (1 = real,
         0 = padding); document_ids [B, T] for packed sequences; position_ids [B, T] to override
-        the positions derived from those. A cache (herd.inference) passes the layout it computed."""
+        the positions derived from those. A cache (herd.inference) passes the layout it computed.
+        `logits_to_keep=n` projects only the last n positions to the vocabulary (generation)."""
         if input_ids.ndim != 2:
             raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
         if layout is None:
@@ -130,7 +131,22 @@ class Llama4(nn.Module):
             h, stats = layer(h, rope, layout, cache)
             if stats is not None:
                 router.append(stats)
+        if logits_to_keep is not None:
+            h = h[:, -logits_to_keep:]
         return Llama4Output(logits=self.lm_head(self.norm(h)), router=router)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        """Prompt plus new tokens [B, T + new]; see `herd.inference.generate` for the options."""
+        from ..inference import generate
+
+        return generate(self, input_ids, max_new_tokens, **kwargs)
+
+    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs):
+        """Yields new tokens [B] as they come; see `herd.inference.generate_stream`."""
+        from ..inference import generate_stream
+
+        return generate_stream(self, input_ids, max_new_tokens, **kwargs)
 
     # ---------------------------------------------------------------- checkpoints
     def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30):
