@@ -191,9 +191,11 @@ _VISION_ACCEPTED = {"vision_feature_select_strategy": "default", "vision_feature
 
 def _rope_from_hf(tc: dict) -> tuple[float, RopeScaling | None]:
     """Old configs: `rope_theta` + `rope_scaling`; new ones: `rope_parameters` holding both."""
-    params = tc.get("rope_parameters") or {}
-    theta = params.get("rope_theta", tc.get("rope_theta", 500000.0))
-    scaling = tc.get("rope_scaling") if tc.get("rope_scaling") is not None else params
+    params = tc.get("rope_parameters")
+    if params:
+        theta, scaling = params.get("rope_theta", tc.get("rope_theta", 500000.0)), params
+    else:
+        theta, scaling = tc.get("rope_theta", 500000.0), tc.get("rope_scaling")
     kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
     if kind == "default":
         return float(theta), None
