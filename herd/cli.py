@@ -14,6 +14,7 @@ import sys
 # subcommand -> module defining add_parser(subparsers)
 COMMANDS = {
     "params": "herd.params",
+    "tokenizer": "herd.tokenizer",
 }
 
 
