@@ -40,8 +40,8 @@ class TokenLayout:
 
 class KVCache(Protocol):
     """What attention needs from a KV cache (herd.inference implements it): store this call's keys
-    and values for `layer` and return every key/value the queries may need, with their positions
-    and documents ([B, S] each; documents None when plain)."""
+    and values for `layer` and return every key/value the queries may need ([B, S, K, Dh]), with
+    their layout (positions and documents, [B, S] each)."""
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout
                ) -> tuple[torch.Tensor, torch.Tensor, TokenLayout]: ...
