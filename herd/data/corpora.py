@@ -200,8 +200,11 @@ def read_user_data(path: str | Path, *, on_error: OnError = "stop") -> Iterator[
     errors = InputErrors(on_error)
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a folder of text/JSONL files or one file")
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if path.is_file():
+        files = [path]
+    else:  # hidden files are skipped; broken links are kept, to be reported as unreadable
+        files = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink()) and not p.is_dir()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
     for file in files:
         suffix = file.suffix.lower()
         if suffix == ".jsonl":
