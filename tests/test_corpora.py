@@ -98,3 +98,58 @@ def test_unreadable_file_is_reported(tmp_path, capsys):
         list(read_user_data(tmp_path))
     assert [d.text for d in read_user_data(tmp_path, on_error="skip")] == ["fine"]
     assert "dangling.txt: cannot read file" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Synthetic scenes (the embedded image-text corpus)
+# --------------------------------------------------------------------------------------------
+
+from herd.data.synthetic import (BACKGROUND, COLORS, SHAPES, answer_is_correct, make_scene,  # noqa: E402
+                                 scene_concepts, synthetic_scenes)
+
+
+def test_scenes_are_deterministic_and_addressable_by_index():
+    a = [s.caption for s in synthetic_scenes(5, seed=1, start=10)]
+    b = [make_scene(i, seed=1).caption() for i in range(10, 15)]
+    assert a == b
+    assert [s.caption for s in synthetic_scenes(5, seed=2, start=10)] != a
+    first, again = next(synthetic_scenes(1, seed=4)), next(synthetic_scenes(1, seed=4))
+    assert first.image.tobytes() == again.image.tobytes() and first.qa == again.qa
+
+
+def test_images_show_what_the_captions_say():
+    size = 96
+    for sample in synthetic_scenes(30, seed=0, image_size=size):
+        pixels = sample.image.load()
+        cell = size // 3
+        for row in range(3):
+            for col in range(3):
+                colours = {pixels[x, y] for x in range(col * cell, (col + 1) * cell)
+                           for y in range(row * cell, (row + 1) * cell)}
+                objs = [o for o in sample.scene.objects if (o.row, o.col) == (row, col)]
+                if objs:
+                    assert COLORS[objs[0].color] in colours and objs[0].place in sample.caption
+                else:
+                    assert colours == {BACKGROUND}  # empty cells stay background
+        assert sample.image.size == (size, size)
+
+
+def test_answers_follow_from_the_scene_and_are_checkable():
+    for sample in synthetic_scenes(50, seed=0):
+        objects = sample.scene.objects
+        answers = dict(sample.qa)
+        assert answers["How many shapes are there?"] == str(len(objects))
+        for question, answer in sample.qa:
+            if question.startswith("Is there a "):
+                colour, shape = question[len("Is there a "):-1].split()
+                assert (answer == "yes") == any(o.color == colour and o.shape == shape for o in objects)
+            if question.startswith("How many ") and question.endswith("s are there?") and "shapes" not in question:
+                shape = question[len("How many "):-len("s are there?")]
+                assert shape in SHAPES and answer == str(sum(o.shape == shape for o in objects))
+    assert answer_is_correct(" Three.", "3") and answer_is_correct("Red", "red")
+    assert not answer_is_correct("2", "3")
+    assert len(scene_concepts()) == 12
+    chat = next(synthetic_scenes(1)).chat(0)
+    assert chat[0]["content"][0]["type"] == "image" and chat[1]["role"] == "assistant"
+    with pytest.raises(ValueError, match="max_objects"):
+        make_scene(0, max_objects=10)

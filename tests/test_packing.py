@@ -190,3 +190,55 @@ def test_document_validation(tok):
         Document.from_ids(ids[:-1], tok, tokens_per_tile=16, pixel_values=pixels)
     lazy = Document.from_ids(ids, tok, tokens_per_tile=16, pixel_values=lambda: pixels, num_tiles=1)
     assert lazy.pixels() is pixels
+
+
+# --------------------------------------------------------------------------------------------
+# Whole corpora as documents (herd.data.datasets)
+# --------------------------------------------------------------------------------------------
+
+from herd.data.corpora import BadInputError  # noqa: E402
+from herd.data.datasets import scene_documents, stdlib_documents, user_documents  # noqa: E402
+
+
+def test_stdlib_documents_round_trip(tok):
+    docs = stdlib_documents(tok, "validation", max_files=3)
+    texts = [d.text for d in stdlib_texts("validation", max_files=3)]
+    assert len(docs) == len(texts)
+    for doc, text in zip(docs, texts):
+        assert doc.tokens[0] == tok.bos_id and doc.tokens[-1] == tok.end_of_text_id
+        assert tok.decode(doc.tokens[1:-1].tolist()) == text
+
+
+def test_scene_documents_feed_the_loader(tok):
+    proc = ImageProcessor(tile_size=64, patch_size=8)
+    captions = scene_documents(tok, proc, 4, kind="caption", seed=0)
+    qa = scene_documents(tok, proc, 2, kind="qa", seed=0)
+    # Pixels are lazy, and reproduce exactly what the processor makes of the drawn scene.
+    sample = next(synthetic_scenes(1, seed=0))
+    assert torch.equal(captions[0].pixels(), proc(sample.image).pixel_values)
+    trained = tok.decode([t for t, m in zip(qa[0].tokens.tolist(), qa[0].target_mask) if m])
+    assert trained == "".join(a + "<|eot|>" for _, a in sample.qa)  # only the answers are targets
+    loader = PackedLoader(captions + qa, seq_len=256, batch_size=2, pad_id=tok.pad_id, seed=0)
+    batches = _epoch(loader)
+    tiles = sum(b.pixel_values.shape[0] for b in batches if b.pixel_values is not None)
+    assert tiles == 6
+    with pytest.raises(ValueError, match="kind"):
+        scene_documents(tok, proc, 1, kind="video")
+
+
+def test_user_documents_with_images_and_bad_records(tok, tmp_path, capsys):
+    proc = ImageProcessor(tile_size=64, patch_size=8)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "red.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    (tmp_path / "data.jsonl").write_text(
+        '{"image": "red.png", "text": "a red square"}\n'
+        '{"image": "broken.png", "text": "oops"}\n'
+        '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+        '{"messages": [{"role": "robot", "content": "beep"}]}\n'
+        '{"text": "plain"}\n')
+    with pytest.raises(BadInputError, match=r"data.jsonl:2: .*broken.png"):
+        user_documents(tmp_path, tok, proc)
+    docs = user_documents(tmp_path, tok, proc, on_error="skip")
+    assert len(docs) == 3
+    assert "skipped 2 bad input" in capsys.readouterr().err
+    assert float(docs[0].pixels()[0, 0].mean()) == pytest.approx(1.0)  # red channel, re-read from disk

@@ -131,3 +131,20 @@ def test_full_stdlib_training_under_a_minute():
     held_out = [d.text for d in stdlib_texts("validation")]
     assert bytes_per_token(tok, held_out) > 3.5  # measured 3.85
     assert bytes_per_token(tok, [CHINESE_SAMPLE]) < 1.5  # barely any Chinese in the stdlib
+
+
+def test_cli_trains_saves_and_reports(tmp_path, capsys):
+    from herd.cli import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, doc in enumerate(stdlib_texts("train", max_files=12)):
+        (data / f"{i}.py").write_text(doc.text)
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "--out", str(out), "--data", str(data), "--bpe-ranks", "400",
+                 "--eval-files", "5"]) == 0
+    printed = capsys.readouterr().out
+    assert "bytes/token on held-out stdlib code" in printed and "Chinese" in printed
+    assert Tokenizer.from_dir(out).vocab_size == 400 + 256
+    assert main(["tokenizer", "eval", str(out), "--eval-files", "5"]) == 0
+    assert main(["tokenizer", "eval", str(tmp_path / "nowhere")]) == 2  # a message, not a traceback

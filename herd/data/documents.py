@@ -117,8 +117,13 @@ def chat_document(rendered: "RenderedChat", tokenizer: "Tokenizer", tokens_per_t
 
 
 def image_text_document(image: "str | Path | bytes | Image.Image", text: str, tokenizer: "Tokenizer",
-                        processor: "ImageProcessor", *, name: str | None = None) -> Document:
-    """<|begin_of_text|> image text <|end_of_text|>: early-fusion pretraining on a captioned image."""
+                        processor: "ImageProcessor", *, name: str | None = None,
+                        lazy_pixels: Callable[[], torch.Tensor] | None = None) -> Document:
+    """<|begin_of_text|> image text <|end_of_text|>: early-fusion pretraining on a captioned image.
+
+    With `lazy_pixels` (a callable that reproduces the tiles), the document keeps that instead of
+    the tiles themselves."""
     image_ids, pixels = processor.encode(image, tokenizer, name=name)
     ids = [tokenizer.bos_id] + image_ids + tokenizer.encode(text, eos=True)
-    return Document.from_ids(ids, tokenizer, tokens_per_tile=processor.tokens_per_tile, pixel_values=pixels)
+    return Document.from_ids(ids, tokenizer, tokens_per_tile=processor.tokens_per_tile,
+                             pixel_values=lazy_pixels or pixels, num_tiles=pixels.shape[0])

@@ -122,6 +122,13 @@ class SceneSample:
         return [{"role": "user", "content": [{"type": "image", "image": self.image}, {"type": "text", "text": q}]},
                 {"role": "assistant", "content": a}]
 
+    def conversation(self) -> list[dict]:
+        """Every Q&A pair about the image in one multi-turn chat (the image is shown once)."""
+        messages = self.chat(0)
+        for q, a in self.qa[1:]:
+            messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        return messages
+
 
 def synthetic_scenes(count: int, *, seed: int = 0, start: int = 0, image_size: int = 64,
                      max_objects: int = 4) -> Iterator[SceneSample]:
