@@ -14,6 +14,7 @@ import sys
 # subcommand -> module defining add_parser(subparsers)
 COMMANDS = {
     "params": "herd.params",
+    "train": "herd.pipeline",
     "tokenizer": "herd.tokenizer",
 }
 
@@ -28,7 +29,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # A subcommand that sets `overrides=[]` takes free-form `--key=value` settings (`herd train`);
+    # for every other one an unknown flag is the usual argparse error.
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "overrides", None) is None:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError) as e:  # user errors: a message, not a traceback

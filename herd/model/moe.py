@@ -75,6 +75,12 @@ class MoE(nn.Module):
     """out = shared(x) + sum over the top-k experts e of expert_e(sigmoid(logit_e) * x).
 
     The gate scales the expert's *input*; with SwiGLU that differs from scaling its output.
+
+    `selection_bias` ([E] or None) is the hook for auxiliary-loss-free load balancing
+    (herd.train.balance sets it from outside): it is added to the logits only to *choose* the
+    top-k experts; the gates still come from the unbiased logits. It is a plain attribute, not a
+    parameter or buffer, so it never enters the Hugging Face checkpoint; None (the default) keeps
+    the forward exactly the reference's.
     """
 
     def __init__(self, cfg: TextConfig):
@@ -83,12 +89,17 @@ class MoE(nn.Module):
         self.router = nn.Linear(cfg.hidden_size, cfg.num_local_experts, bias=False)
         self.experts = Experts(cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size)
         self.shared_expert = SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.selection_bias: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         logits = self.router(x)  # [N, E]
-        top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
+        if self.selection_bias is None:
+            top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
+        else:  # the bias picks the experts; the gate values stay those of the raw logits
+            top_experts = torch.topk(logits.detach() + self.selection_bias, self.top_k, dim=-1).indices
+            top_logits = logits.gather(1, top_experts)
         gates = torch.sigmoid(top_logits.float()).to(x.dtype)  # not softmax, not renormalised
 
         # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.

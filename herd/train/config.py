@@ -1,0 +1,217 @@
+"""Typed training configs, named presets, and `--key=value` overrides.
+
+`TrainConfig` holds everything one call of the training loop needs (optimiser, schedule, batch,
+checkpoints, load balancing, MetaP, FP8). `RunConfig` is the end-to-end job `herd train` runs: the
+model preset, the data, and how many steps each stage gets (SPEC 6: contrastive vision
+pretraining, text pretraining, adapter alignment with the language model frozen, joint early-fusion
+training), with one `TrainConfig` shared by all stages. Presets are plain functions returning a
+`RunConfig`; overrides name a field of either dataclass (`--lr=1e-3`, `--joint_steps=500`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_type_hints
+
+Schedule = Literal["cosine", "wsd", "constant"]
+Balance = Literal["bias", "aux", "none"]
+Stage = Literal["contrastive", "text", "align", "joint"]
+STAGES: tuple[str, ...] = get_args(Stage)
+
+
+@dataclass
+class TrainConfig:
+    """One training loop: optimiser, schedule, batch shape, evaluation, checkpoints, features."""
+
+    steps: int = 1000
+    batch_size: int = 16  # sequences per micro-batch (per data-parallel rank)
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches per optimiser step
+    # AdamW with decoupled weight decay on matrices only (norms, biases, embeddings excluded)
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # learning-rate schedule: linear warmup, then cosine to min_lr, or warmup-stable-decay
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly
+    # MoE load balancing (SPEC 2.2): the DeepSeek-V3 selection bias, the auxiliary loss, or none
+    balance: Balance = "bias"
+    bias_rate: float = 1e-3  # bias += rate * sign(mean_count - count), each optimiser step
+    aux_weight: float = 1e-2
+    # MetaP (muP-style) per-layer learning rates and init scales relative to a base shape
+    metap: bool = False
+    base_width: int = 128
+    base_depth: int = 4
+    fp8: bool = False  # float8 matmuls with dynamic scaling for linear layers and experts
+    compile: bool = False  # torch.compile the model
+    # evaluation, logging, checkpoints
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    ckpt_every: int = 200
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 3  # consecutive NaN/inf steps before the run stops
+    seed: int = 0
+    progress: bool = True  # tqdm progress bar
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                     "log_every", "ckpt_every", "keep_checkpoints", "max_bad_steps", "base_width",
+                     "base_depth"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.grad_clip < 0:
+            raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
+        _check_choice("schedule", self.schedule, Schedule)
+        _check_choice("balance", self.balance, Balance)
+
+
+@dataclass
+class RunConfig:
+    """The end-to-end job: tokenizer, data, and the stages of SPEC 6 in order."""
+
+    model: str = "tiny"  # a model preset of herd.presets
+    out: str = "runs/main"  # run folder: config, metrics, checkpoints, plots, report
+    data: str = ""  # your own text (folder or JSONL); empty = the Python standard library
+    tokenizer: str = ""  # a tokenizer directory; empty = train one on the training text
+    bpe_ranks: int = 7936
+    tokenizer_bytes: int = 8_000_000  # training text for the tokenizer
+    code_bytes: int = 0  # cap on the code corpus (0 = all of it)
+    # steps per stage (text pretraining takes `train.steps`, i.e. --steps); 0 skips a stage
+    contrastive_steps: int = 150
+    align_steps: int = 150
+    joint_steps: int = 400
+    contrastive_lr: float = 2e-3
+    align_lr: float = 2e-3
+    joint_lr: float = 1e-3
+    images: int = 4000  # synthetic training scenes
+    image_batch: int = 32  # image-caption pairs per micro-batch in the vision stages
+    caption_fraction: float = 0.25  # joint stage: share of rows that are image-caption rows
+    samples: int = 4  # code samples and captions shown at the end
+    heldout_images: int = 64  # held-out scenes for the captioning check
+    nll_files: int = 16  # held-out code files for NLL by position
+    nll_len: int = 1024
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self):
+        for name in ("contrastive_steps", "align_steps", "joint_steps", "code_bytes"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.caption_fraction < 1:
+            raise ValueError(f"caption_fraction must be in [0, 1), got {self.caption_fraction}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: Any, choices) -> None:
+    allowed = get_args(choices)
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets
+# ------------------------------------------------------------------------------------------------
+
+def default() -> RunConfig:
+    """The main job: a tiny Llama 4 from scratch on a 2-core CPU in about 12-15 minutes."""
+    return RunConfig(train=TrainConfig(steps=1800, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=60,
+                                       eval_every=150, ckpt_every=150))
+
+
+def quick() -> RunConfig:
+    """The same pipeline in under two minutes: every stage runs, learning is only beginning."""
+    return RunConfig(out="runs/quick", tokenizer_bytes=2_000_000, code_bytes=3_000_000,
+                     contrastive_steps=30, align_steps=30, joint_steps=50,
+                     images=600, heldout_images=24, samples=2, nll_files=4, nll_len=512,
+                     train=TrainConfig(steps=200, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=20,
+                                       eval_every=50, eval_batches=4, ckpt_every=100))
+
+
+def smoke() -> RunConfig:
+    """Seconds: for tests. A small tokenizer and a few steps of each stage."""
+    return RunConfig(out="runs/smoke", bpe_ranks=1024, tokenizer_bytes=300_000, code_bytes=400_000,
+                     contrastive_steps=3, align_steps=3, joint_steps=4,
+                     images=64, image_batch=8, heldout_images=8, samples=1, nll_files=2, nll_len=128,
+                     train=TrainConfig(steps=6, batch_size=4, seq_len=128, warmup_steps=2, eval_every=3,
+                                       eval_batches=2, ckpt_every=3, log_every=1, progress=False))
+
+
+PRESETS = {"default": default, "quick": quick, "smoke": smoke}
+
+
+# ------------------------------------------------------------------------------------------------
+# Overrides
+# ------------------------------------------------------------------------------------------------
+
+def _convert(name: str, text: str, kind: Any) -> Any:
+    if kind is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{name} expects true or false, got {text!r}")
+    if kind in (int, float):
+        try:
+            return kind(float(text)) if kind is int and "e" in text.lower() else kind(text)
+        except ValueError:
+            raise ValueError(f"--{name} expects {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    return text  # str and Literal fields; Literals are checked by __post_init__
+
+
+def override_keys() -> list[str]:
+    run = [f.name for f in dataclasses.fields(RunConfig) if f.name != "train"]
+    return sorted(run + [f.name for f in dataclasses.fields(TrainConfig)])
+
+
+def apply_overrides(cfg: RunConfig, overrides: dict[str, str]) -> RunConfig:
+    """Returns a copy of `cfg` with fields of RunConfig or TrainConfig replaced by parsed strings.
+    An unknown key is an error that lists the valid ones."""
+    run_hints, train_hints = get_type_hints(RunConfig), get_type_hints(TrainConfig)
+    run_changes, train_changes = {}, {}
+    for key, text in overrides.items():
+        name = key.replace("-", "_")
+        if name in train_hints:
+            train_changes[name] = _convert(key, text, train_hints[name])
+        elif name in run_hints and name != "train":
+            run_changes[name] = _convert(key, text, run_hints[name])
+        else:
+            raise ValueError(f"unknown setting --{key}; valid keys: {', '.join(override_keys())}")
+    train = dataclasses.replace(cfg.train, **train_changes)
+    return dataclasses.replace(cfg, train=train, **run_changes)
+
+
+def parse_overrides(args: list[str]) -> dict[str, str]:
+    """['--lr=1e-3', '--steps', '100'] -> {'lr': '1e-3', 'steps': '100'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--"):
+            raise ValueError(f"expected --key=value, got {arg!r}")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:  # "--fp8" alone switches a flag on; "--steps 100" also works
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                value = "true"
+            else:
+                value = args[i + 1]
+                i += 1
+        out[key] = value
+        i += 1
+    return out

@@ -1,0 +1,81 @@
+"""Losses the training loop can optimise, and the batch they read.
+
+A loss returns a *sum* over its targets and the number of targets, never a mean: the loop adds sums
+over micro-batches and data-parallel ranks and divides once by the global count, so gradient
+accumulation and any number of processes give the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import RouterStats
+
+IGNORE = -100  # label of a position that is not a target
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    labels: torch.Tensor | None = None  # [B, T], IGNORE where no target
+    document_ids: torch.Tensor | None = None  # [B, T] for packed rows
+    pixel_values: torch.Tensor | None = None  # [N_tiles, 3, S, S] for the <|patch|> tokens, in order
+    attention_mask: torch.Tensor | None = None  # [B, T] 1 = real token (padded caption batches)
+
+    def to(self, device) -> "Batch":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Batch(move(self.input_ids), move(self.labels), move(self.document_ids),
+                     move(self.pixel_values), move(self.attention_mask))
+
+
+@dataclass
+class LossOutput:
+    loss_sum: torch.Tensor  # scalar: summed over targets
+    count: int  # number of targets
+    router: list[RouterStats]
+
+
+def causal_lm_loss(model: nn.Module, batch: Batch) -> LossOutput:
+    """Next-token cross-entropy (labels are already shifted: labels[t] is the token after t)."""
+    out = model(batch.input_ids, pixel_values=batch.pixel_values, document_ids=batch.document_ids,
+                attention_mask=batch.attention_mask)
+    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+    return LossOutput(loss, int((batch.labels != IGNORE).sum()), out.router)
+
+
+class ContrastiveLoss(nn.Module):
+    """CLIP's symmetric InfoNCE between tiles and captions, for pretraining the vision encoder.
+
+    The image side is the vision encoder's output (adapter included) mean-pooled over its tokens;
+    the text side is the language model's token embeddings mean-pooled over the caption. Each gets
+    a linear head into a shared space; the heads and the learnable temperature live here, in the
+    loss, and are dropped after the stage: only the encoder is kept.
+    """
+
+    def __init__(self, image_dim: int, text_dim: int, dim: int = 128):
+        super().__init__()
+        self.image_head = nn.Linear(image_dim, dim, bias=False)
+        self.text_head = nn.Linear(text_dim, dim, bias=False)
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial value
+
+    def embed_images(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_head(model.vision(pixel_values).mean(1)), dim=-1)  # [N, dim]
+
+    def embed_texts(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        emb = model.embed_tokens(ids) * mask[..., None]  # [N, L, D]
+        pooled = emb.sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        return F.normalize(self.text_head(pooled), dim=-1)
+
+    def forward(self, model: nn.Module, batch: Batch) -> LossOutput:
+        img = self.embed_images(model, batch.pixel_values)
+        txt = self.embed_texts(model, batch.input_ids, batch.attention_mask)
+        logits = img @ txt.T * self.log_temperature.clamp(max=math.log(100)).exp()  # [N, N]
+        target = torch.arange(len(img), device=img.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        return LossOutput(loss * len(img), len(img), [])
