@@ -25,6 +25,9 @@ CONVERSATIONS = [
      {"role": "ipython", "content": "['a.py']"},
      {"role": "assistant", "content": "One file: a.py"},
      {"role": "tool", "content": "{\"ok\": true}"}],
+    [{"role": "user", "content": "time?"},
+     {"role": "assistant", "content": None, "tool_call": "import time; print(time.time())"},
+     {"role": "ipython", "content": [{"type": "text", "text": "1700000000.0"}]}],
 ]
 
 

@@ -101,7 +101,8 @@ def test_multi_tile_layout(tok):
 
 
 @pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("RGB", "WEBP"), ("L", "PNG"), ("P", "GIF"),
-                                       ("RGBA", "PNG"), ("LA", "PNG"), ("1", "PNG")])
+                                       ("RGBA", "PNG"), ("LA", "PNG"), ("1", "PNG"), ("I;16", "PNG"),
+                                       ("CMYK", "JPEG"), ("RGBA", "WEBP")])
 def test_formats_and_modes_decode_to_rgb(mode, fmt):
     image = Image.new(mode, (20, 10))
     rgb = load_image(_png(image, fmt))

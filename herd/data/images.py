@@ -83,13 +83,11 @@ def load_image(source: str | Path | bytes | Image.Image, *, name: str | None = N
                 fp.close()
     if image.width < 1 or image.height < 1:
         raise ImageError(f"{name}: empty image ({image.width}x{image.height})")
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def choose_canvas(height: int, width: int, tile_size: int, max_tiles: int) -> tuple[int, int]:
