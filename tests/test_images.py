@@ -183,3 +183,12 @@ def test_canvas_and_resize_match_transformers_on_many_sizes():
         target = (min(max(h, tile), th), min(max(w, tile), tw))
         want = tuple(max(v, 1) for v in hf["get_max_res_without_distortion"]((h, w), target))
         assert resized_size(h, w, rows, cols, tile) == want, (h, w)
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (1, 2), (3, 2), (4, 4), (1, 16)])
+def test_token_layout_matches_transformers_processor(tok, rows, cols):
+    processing = pytest.importorskip("transformers.models.llama4.processing_llama4")
+    proc = ImageProcessor(tile_size=64, patch_size=8)
+    # The method only formats a string; it reads nothing from `self`.
+    text = processing.Llama4Processor._prompt_split_image(None, (rows, cols), proc.tokens_per_tile)
+    assert tok.decode(proc.image_tokens(rows, cols, tok)) == text
