@@ -242,3 +242,28 @@ def test_user_documents_with_images_and_bad_records(tok, tmp_path, capsys):
     assert len(docs) == 3
     assert "skipped 2 bad input" in capsys.readouterr().err
     assert float(docs[0].pixels()[0, 0].mean()) == pytest.approx(1.0)  # red channel, re-read from disk
+
+
+def test_batches_run_through_the_tiny_model(tok):
+    """Integration: a packed batch with images is what herd's Llama 4 consumes (counts, shapes)."""
+    import dataclasses
+
+    model_module = pytest.importorskip("herd.model.llama4")
+    from herd.presets import tiny
+
+    cfg = tiny()
+    text = dataclasses.replace(cfg.text, vocab_size=tok.vocab_size, bos_token_id=tok.bos_id,
+                               eos_token_id=tok.end_of_text_id, pad_token_id=tok.pad_id)
+    cfg = dataclasses.replace(cfg, text=text, image_token_index=tok.patch_id,
+                              boi_token_index=tok.image_start_id, eoi_token_index=tok.image_end_id)
+    proc = ImageProcessor.from_config(cfg.vision)
+    docs = scene_documents(tok, proc, 3, kind="qa") + [text_document("print('hello')\n" * 20, tok)]
+    batch = next(iter(PackedLoader(docs, seq_len=128, batch_size=2, pad_id=tok.pad_id, seed=0)))
+    assert batch.pixel_values is not None
+    torch.manual_seed(0)
+    model = model_module.Llama4(cfg)
+    out = model(batch.input_ids, pixel_values=batch.pixel_values, document_ids=batch.document_ids,
+                position_ids=batch.position_ids)
+    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch.targets.flatten(),
+                                             ignore_index=IGNORE_INDEX)
+    assert out.logits.shape == (2, 128, tok.vocab_size) and torch.isfinite(loss)
