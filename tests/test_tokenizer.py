@@ -1,4 +1,5 @@
 import json
+import random
 import time
 
 import pytest
@@ -51,6 +52,19 @@ def test_llama4_special_token_names_match_the_published_layout():
 ])
 def test_round_trip(tok, text):
     assert tok.decode(tok.encode(text)) == text
+
+
+def test_round_trip_random_unicode(tok):
+    rng = random.Random(0)
+    planes = [(0x20, 0x7F), (0xA0, 0x2FF), (0x370, 0x52F), (0x4E00, 0x9FFF), (0xAC00, 0xD7A3),
+              (0x1F300, 0x1FAFF), (0x10000, 0x10FFFF)]
+    for _ in range(200):
+        chars = []
+        for _ in range(rng.randint(1, 40)):
+            lo, hi = rng.choice(planes)
+            chars.append(rng.choice([chr(rng.randint(lo, hi)), rng.choice(" \t\n\r"), rng.choice("'s1_(")]))
+        text = "".join(chars)
+        assert tok.decode(tok.encode(text)) == text, repr(text)
 
 
 def test_special_token_text_is_not_a_special_token(tok):

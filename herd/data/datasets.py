@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from ..chat import render_chat
+from .curation import exact_dedup
 from .corpora import ChatDoc, ImageTextDoc, InputErrors, OnError, TextDoc, read_user_data, stdlib_texts
 from .documents import Document, chat_document, image_text_document, text_document
 from .images import ImageError, ImageProcessor
@@ -50,8 +51,9 @@ class FilePixels:
 
 def stdlib_documents(tokenizer: "Tokenizer", split: Literal["train", "validation"] = "train", *,
                      max_files: int | None = None, max_bytes: int | None = None) -> list[Document]:
-    """Each stdlib source file as <|begin_of_text|> code <|end_of_text|>."""
-    texts = [doc.text for doc in stdlib_texts(split, max_files=max_files, max_bytes=max_bytes)]
+    """Each distinct stdlib source file as <|begin_of_text|> code <|end_of_text|> (the stdlib holds
+    a few exact copies, e.g. identical test helpers; they are kept once)."""
+    texts, _ = exact_dedup([doc.text for doc in stdlib_texts(split, max_files=max_files, max_bytes=max_bytes)])
     return [Document.from_ids([tokenizer.bos_id] + ids + [tokenizer.end_of_text_id], tokenizer)
             for ids in tokenizer.encode_batch(texts)]
 
@@ -100,5 +102,8 @@ def user_documents(path: str | Path, tokenizer: "Tokenizer", processor: ImagePro
                                                 lazy_pixels=FilePixels(record.image, processor)))
         except (ImageError, ValueError) as e:
             errors(record.source, str(e))
+        except Exception as e:  # not a data problem: let it propagate, but say which record
+            e.add_note(f"herd: while building a document from {record.source}")
+            raise
     errors.print_summary()
     return docs
