@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .tokenizer import repair_surrogates
+
 if TYPE_CHECKING:
     from .data.images import ImageProcessor
     from .tokenizer import Tokenizer
@@ -157,14 +159,15 @@ def _encode_pieces(pieces: list[tuple[str | int, bool]], tokenizer: "Tokenizer")
     def flush():
         if not run:
             return
-        text = "".join(t for t, _ in run)
-        supervised_until = []  # per character: is it supervised?
-        for t, sup in run:
-            supervised_until += [sup] * len(t)
+        parts = [(repair_surrogates(t), sup) for t, sup in run]  # as encode would, so lengths agree
+        text = "".join(t for t, _ in parts)
+        char_supervised = []  # per character: is it supervised?
+        for t, sup in parts:
+            char_supervised += [sup] * len(t)
         token_ids, offsets = tokenizer.encode_with_offsets(text)
         ids.extend(token_ids)
         # A token is supervised iff its last character is: "\n\n" + content may merge at the seam.
-        mask.extend(supervised_until[end - 1] if end > 0 else False for _, end in offsets)
+        mask.extend(char_supervised[end - 1] if end > 0 else False for _, end in offsets)
         run.clear()
 
     for piece, sup in pieces:

@@ -54,7 +54,7 @@ CHINESE_SAMPLE = (
 )
 
 
-def _fix_surrogates(text: str) -> str:
+def repair_surrogates(text: str) -> str:
     """Join surrogate pairs and replace lone surrogates with U+FFFD (UTF-8 cannot hold them)."""
     try:
         text.encode("utf-8")
@@ -130,17 +130,17 @@ class Tokenizer:
 
     def encode(self, text: str, *, bos: bool = False, eos: bool = False) -> list[int]:
         """Ordinary text to ids. Special-token text ("<|eot|>") is encoded as plain bytes."""
-        ids = self._plain.encode(_fix_surrogates(text), add_special_tokens=False).ids
+        ids = self._plain.encode(repair_surrogates(text), add_special_tokens=False).ids
         return ([self.bos_id] if bos else []) + ids + ([self.end_of_text_id] if eos else [])
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """`encode` for many texts at once, in parallel inside the Rust library."""
-        encodings = self._plain.encode_batch([_fix_surrogates(t) for t in texts], add_special_tokens=False)
+        encodings = self._plain.encode_batch([repair_surrogates(t) for t in texts], add_special_tokens=False)
         return [e.ids for e in encodings]
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and, per id, the (start, end) character span of `text` it covers."""
-        enc = self._plain.encode(_fix_surrogates(text), add_special_tokens=False)
+        enc = self._plain.encode(repair_surrogates(text), add_special_tokens=False)
         return enc.ids, enc.offsets
 
     def decode(self, ids: Iterable[int], *, skip_special: bool = False) -> str:
@@ -214,7 +214,7 @@ def train_tokenizer(texts: Iterable[str], *, num_bpe_ranks: int = HERD_BPE_RANKS
     trainer = trainers.BpeTrainer(
         vocab_size=num_bpe_ranks, min_frequency=min_frequency, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-    backend.train_from_iterator((_fix_surrogates(t) for t in texts), trainer=trainer)
+    backend.train_from_iterator((repair_surrogates(t) for t in texts), trainer=trainer)
     learned = backend.get_vocab_size()
     if learned != num_bpe_ranks:
         raise ValueError(f"the training text yielded only {learned} BPE ranks, fewer than the "
