@@ -79,7 +79,23 @@ def _checkpoint_files(path: Path) -> list[Path]:
 def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    if leaf in module._buffers:  # quantized weights and their scales are buffers
+        # Copied out of the memory map: the quantized CPU kernels read aligned memory, and a
+        # safetensors mapping gives only 8-byte alignment (a segfault, not an error).
+        module._buffers[leaf] = tensor.clone()
+    else:
+        setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+
+
+def _quantization_config(path: Path) -> dict | None:
+    """herd's own `quantization_config` in config.json, or None for a full-precision checkpoint."""
+    q = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if q is None:
+        return None
+    if q.get("quant_method") != "herd":
+        raise CheckpointError(f"{path}: quantization_config.quant_method {q.get('quant_method')!r} is not "
+                              "supported; herd loads full-precision checkpoints and its own quantized ones")
+    return q
 
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -92,9 +108,18 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
                                 "directory holding config.json and safetensors weights")
     config = config or read_hf_config(path)
     multimodal = config.vision is not None
+    saved_quant = _quantization_config(path)
     with torch.device("meta"):
         model = Llama4(config)
-    expected = {name: p.shape for name, p in model.named_parameters()}
+        if saved_quant is not None:  # a quantized checkpoint: swap modules first, then load their tensors
+            from .quant import quantize_
+
+            if quantize is not None and quantize != saved_quant["method"]:
+                raise CheckpointError(f"{path} holds {saved_quant['method']} weights; quantize={quantize!r} "
+                                      "needs the full-precision checkpoint")
+            quantize_(model, saved_quant["method"], saved_quant["group_size"])
+            quantize = None
+    expected = {name: t.shape for name, t in model.state_dict().items()}
     seen: set[str] = set()
     for file in _checkpoint_files(path):
         with safe_open(file, framework="pt", device=str(device)) as f:
@@ -110,7 +135,9 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
                     raise CheckpointError(f"tensor {key!r} in {file.name} has shape {list(shape)}, but the config "
                                           f"gives {list(expected[name])}")
                 tensor = f.get_tensor(key)
-                _assign(model, name, tensor.to(dtype) if dtype is not None else tensor)
+                if dtype is not None and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16):
+                    tensor = tensor.to(dtype)  # (quantized values keep their integer/fp8 dtype)
+                _assign(model, name, tensor)
                 seen.add(name)
     missing = [to_hf_key(n, multimodal) for n in expected if n not in seen]
     if missing:
@@ -141,7 +168,8 @@ def save_pretrained(model: Llama4, path: str | Path, max_shard_size: int = 5 * 2
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     multimodal = model.config.vision is not None
-    tensors = {to_hf_key(n, multimodal): p.detach().contiguous() for n, p in model.named_parameters()}
+    # state_dict: parameters, plus the buffers that hold quantized weights
+    tensors = {to_hf_key(n, multimodal): p.detach().contiguous() for n, p in model.state_dict().items()}
 
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -171,4 +199,7 @@ def save_pretrained(model: Llama4, path: str | Path, max_shard_size: int = 5 * 2
     dtype = str(model.dtype).removeprefix("torch.")
     (config["text_config"] if multimodal else config)["torch_dtype"] = dtype
     config["torch_dtype"] = dtype
+    quant = getattr(model, "quantization", None)
+    if quant is not None:  # herd's own format; transformers does not read it
+        config["quantization_config"] = {"quant_method": "herd", **quant}
     _write_atomic(path / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))

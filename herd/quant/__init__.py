@@ -1,0 +1,85 @@
+"""Weight-only quantization by module swap: `quantize_(model, "int8" | "int4" | "fp8")`.
+
+Every nn.Linear of the text decoder (attention, shared expert, dense layers) and the lm_head is
+replaced by a quantized stand-in with the same call signature, and every `Experts` block by
+`QuantExperts`, which holds one quantized matrix per expert. The router stays in full precision
+(it is tiny, and a flipped top-1 choice costs more than its bytes save), and so do the embeddings
+and the vision tower (run once per image).
+
+Which kernels run (all PyTorch's own; see docs/inference.md for timings):
+- int8: `torch._weight_int8pack_mm` on CPU, per-row scales, bf16 activations;
+- int4: `torch._weight_int4pack_mm_for_cpu` on CPU, group-wise scales and offsets, bf16 activations;
+- fp8: `torch._scaled_mm` on FP8-capable GPUs; dequantize-then-matmul elsewhere.
+Other devices and unsupported shapes dequantize per call: right results, memory saved, no speed-up.
+
+A quantized model saves to a checkpoint directory with `quantization_config` in its config.json
+(`herd.hf`); herd loads it back without the full-precision weights ever existing. Those files are
+herd's own format: `transformers` does not read them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.moe import Experts
+from .fp8 import Fp8Weight
+from .int4 import Int4Weight
+from .int8 import Int8Weight
+
+METHODS = ("int8", "int4", "fp8")
+DEFAULT_GROUP_SIZE = 32
+
+
+class QuantExperts(nn.Module):
+    """`Experts` with one quantized [out, in] matrix per expert; same call as `Experts.forward`."""
+
+    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
+        super().__init__()
+        self.gate_up_proj = nn.ModuleList(gate_up)  # expert e: [2I, D]
+        self.down_proj = nn.ModuleList(down)  # expert e: [D, I]
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, D] sorted by expert, counts [E] -> [N, D]."""
+        outs = []
+        for e, x_e in enumerate(torch.split(x, counts.tolist())):
+            if x_e.shape[0] == 0:
+                continue
+            gate, up = self.gate_up_proj[e](x_e).chunk(2, dim=-1)
+            outs.append(self.down_proj[e](F.silu(gate) * up))
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+def _quantizer(method: str, group_size: int):
+    if method == "int8":
+        return Int8Weight.from_float
+    if method == "int4":
+        return lambda w: Int4Weight.from_float(w, group_size)
+    if method == "fp8":
+        return Fp8Weight.from_float
+    raise ValueError(f"quantize: unknown method {method!r}; choose one of {', '.join(METHODS)} (or None)")
+
+
+@torch.no_grad()
+def quantize_(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZE) -> nn.Module:
+    """Swaps the decoder's linear layers and experts for `method`'s quantized stand-ins, in place.
+    `group_size` is the int4 group (columns per scale). Works on the meta device too (for loading
+    quantized checkpoints)."""
+    if not isinstance(group_size, int) or group_size < 2 or group_size % 2:
+        raise ValueError(f"quantize: group_size must be an even integer >= 2, got {group_size!r}")
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError(f"quantize: the model is already quantized ({model.quantization['method']}); "
+                         "load the full-precision checkpoint to quantize it another way")
+    make = _quantizer(method, group_size)
+    for parent in list(model.layers.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name != "router":
+                setattr(parent, name, make(child.weight))  # herd's decoder linears have no bias
+            elif isinstance(child, Experts):
+                E = child.gate_up_proj.shape[0]  # HF layout is [in, out]: transpose to [out, in]
+                setattr(parent, name, QuantExperts([make(child.gate_up_proj[e].t()) for e in range(E)],
+                                                   [make(child.down_proj[e].t()) for e in range(E)]))
+    model.lm_head = make(model.lm_head.weight)
+    model.quantization = {"method": method, "group_size": group_size}
+    return model

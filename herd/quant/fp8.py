@@ -1,0 +1,50 @@
+"""FP8 (e4m3) weights with one scale per output row: the format Maverick's experts ship in.
+
+w ~ q * scale with q in float8_e4m3fn and scale = max|w_row| / 448 (e4m3's largest value). On GPUs
+with FP8 tensor cores (compute capability 8.9 and up) the matmul runs in `torch._scaled_mm`, with
+activations quantized per row on the fly (rowwise scales on both sides). Elsewhere, CPUs included,
+the weight is dequantized for each call: FP8 then saves memory, not time (PyTorch's CPU
+`_scaled_mm` is a slow reference path).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
+
+def _fp8_matmul_available(x: torch.Tensor) -> bool:
+    return (x.is_cuda and hasattr(torch, "_scaled_mm")
+            and torch.cuda.get_device_capability(x.device) >= (8, 9))
+
+
+class Fp8Weight(nn.Module):
+    """Stands in for an nn.Linear without bias: y = x @ (qweight * scale).T, qweight [N, K] e4m3."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # [N, K] float8_e4m3fn
+        self.register_buffer("scale", scale)  # [N] fp32
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Fp8Weight":
+        w = weight.detach().float().contiguous()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+        return cls((w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fp8_matmul_available(x):
+            return F.linear(x, self.dequantize().to(x.dtype))
+        x2 = x.reshape(-1, x.shape[-1])
+        x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
+        x8 = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        y = torch._scaled_mm(x8, self.qweight.t(), scale_a=x_scale, scale_b=self.scale[None, :].contiguous(),
+                             out_dtype=x.dtype if x.dtype != torch.float32 else torch.bfloat16)
+        return y.to(x.dtype).view(*x.shape[:-1], -1)

@@ -1,0 +1,83 @@
+"""int4 weight-only quantization: asymmetric, one scale and offset per group of input columns.
+
+Each row is cut into groups of `group_size` columns; within a group w ~ (q - 8) * scale + zero with
+q in [0, 15], the form PyTorch's CPU kernel `torch._weight_int4pack_mm_for_cpu` computes. Sixteen
+levels need small groups (32 by default) to keep the error tolerable.
+
+Checkpoints store q as two nibbles per byte (column 2j in the low nibble, 2j + 1 in the high one),
+a portable layout. The kernel wants its own tiled packing, which depends on the torch build, so it is
+made from the portable copy on the first CPU call and kept beside it (on CPU an int4 layer therefore
+holds its weight twice: the saved form and the kernel form). Shapes the kernel does not take (group
+not 32/64/128/256, N not a multiple of 16) and other devices dequantize instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+KERNEL_GROUPS = (32, 64, 128, 256)
+
+
+def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1)  # [N, K] uint8 in 0..15
+
+
+class Int4Weight(nn.Module):
+    """Stands in for an nn.Linear without bias; see the module docstring for the format."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # [N, K/2] uint8, two nibbles per byte
+        self.register_buffer("scale", scale)  # [N, K/group] fp32
+        self.register_buffer("zero", zero)  # [N, K/group] fp32
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # (tiled weight, scales+zeros)
+
+    @property
+    def group_size(self) -> int:
+        return 2 * self.qweight.shape[1] // self.scale.shape[1]
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Weight":
+        """weight [N, K] (out, in). Groups of `group_size` columns, or the whole row where
+        group_size does not divide K."""
+        N, K = weight.shape
+        if K % 2:
+            raise ValueError(f"int4 needs an even number of input features, got a weight of shape {[N, K]}")
+        group = group_size if K % group_size == 0 else K
+        w = weight.detach().float().contiguous().reshape(N, K // group, group)
+        lo, hi = w.amin(-1), w.amax(-1)  # [N, G]
+        scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+        zero = lo + 8 * scale  # so that q = 0 maps to the group minimum
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+        return cls(_pack_nibbles(q), scale, zero)
+
+    def dequantize(self) -> torch.Tensor:
+        q = _unpack_nibbles(self.qweight).float()  # [N, K]
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)
+        zero = self.zero.repeat_interleave(self.group_size, dim=1)
+        return (q - 8) * scale + zero
+
+    def _uses_kernel(self, x: torch.Tensor) -> bool:
+        return x.device.type == "cpu" and self.group_size in KERNEL_GROUPS and self.qweight.shape[0] % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._uses_kernel(x):
+            return F.linear(x, self.dequantize().to(x.dtype))
+        if self._kernel is None:
+            tiled = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                _unpack_nibbles(self.qweight).to(torch.int32), 1)
+            scales_zeros = torch.stack([self.scale.t(), self.zero.t()], dim=-1).to(torch.bfloat16)  # [G, N, 2]
+            self._kernel = (tiled, scales_zeros.contiguous())
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel[0], self.group_size, self._kernel[1])
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._kernel = None  # new weights: repack on the next call
+        super()._load_from_state_dict(*args, **kwargs)

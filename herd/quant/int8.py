@@ -1,0 +1,40 @@
+"""int8 weight-only quantization: one symmetric scale per output row.
+
+w ~ q * scale with q in [-127, 127] and scale = max|w_row| / 127. A row is the natural group for
+int8 (256 levels keep the rounding error small) and it is what PyTorch's CPU kernel
+`torch._weight_int8pack_mm` takes; that kernel is fast only with bf16 activations, so activations are
+rounded to bf16 for the matmul and the result is cast back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Int8Weight(nn.Module):
+    """Stands in for an nn.Linear without bias: y = x @ dequant(qweight).T, qweight [N, K] int8."""
+
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        self.register_buffer("qweight", qweight)  # [N, K] int8
+        self.register_buffer("scale", scale)  # [N] fp32
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> "Int8Weight":
+        """weight [N, K] (out, in) -> per-row symmetric int8."""
+        w = weight.detach().float().contiguous()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0  # [N]; the clamp keeps zero rows finite
+        q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+        return cls(q, scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.qweight.float() * self.scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu":  # no portable int8 GEMM: dequantize (correct, not fast)
+            return F.linear(x, self.dequantize().to(x.dtype))
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(torch.bfloat16))
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
