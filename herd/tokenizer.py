@@ -287,7 +287,8 @@ def add_parser(subparsers) -> None:
     train.add_argument("--out", required=True, help="directory for tokenizer.json + tokenizer_config.json")
     train.add_argument("--data", default=None,
                        help="a folder of .txt files or a JSONL file of {'text': ...} (default: Python stdlib)")
-    train.add_argument("--bpe-ranks", type=int, default=HERD_BPE_RANKS)
+    train.add_argument("--bpe-ranks", type=int, default=HERD_BPE_RANKS,
+                       help="ordinary BPE ids before the special slots (7936 + 256 = the tiny preset's 8192)")
     train.add_argument("--special-slots", type=int, default=HERD_SPECIAL_SLOTS,
                        help="256 for herd's small tokenizers, 2048 for Llama 4's layout")
     train.add_argument("--max-bytes", type=int, default=None, help="cap the stdlib training text")
