@@ -16,6 +16,8 @@ COMMANDS = {
     "params": "herd.params",
     "train": "herd.pipeline",
     "tokenizer": "herd.tokenizer",
+    "generate": "herd.inference.generate_cmd",
+    "chat": "herd.inference.chat_cmd",
 }
 
 
