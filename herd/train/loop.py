@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .balance import LoadBalancer
-from .checkpoint import LocalCheckpointer
+from .checkpoint import LocalCheckpointer, check_writable
 from .config import TrainConfig
 from .losses import Batch, LossOutput
 from .metap import lr_multipliers
@@ -79,6 +79,8 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
     `stage` in `run_dir` if there is one. Returns the final step, loss and evaluation."""
     rank, world = _world()
     run_dir = Path(run_dir)
+    if rank == 0:
+        check_writable(run_dir)  # fail now, not at the first checkpoint
     checkpointer = checkpointer or LocalCheckpointer(run_dir / "checkpoints" / stage, cfg.keep_checkpoints)
     metrics = metrics or MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
     device = next(model.parameters()).device

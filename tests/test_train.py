@@ -1,0 +1,179 @@
+"""The training loop: configs and overrides, schedules, exact resume, NaN handling, checkpoint errors."""
+
+import dataclasses
+import errno
+import json
+import math
+
+import pytest
+import torch
+
+from herd.config import ModelConfig, TextConfig
+from herd.model import Llama4
+from herd.train import checkpoint as ckpt_module
+from herd.train.checkpoint import CheckpointWriteError, step_dirs
+from herd.train.config import TrainConfig, apply_overrides, default, parse_overrides
+from herd.train.loop import TrainingDiverged, train
+from herd.train.losses import LossOutput, causal_lm_loss
+from herd.train.optim import lr_factor
+from herd.train.sources import TextWindows, TokenStream
+
+
+def small_model(seed=0, **text) -> Llama4:
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64, num_hidden_layers=2,
+               num_attention_heads=2, num_key_value_heads=1, head_dim=16, attention_chunk_size=8,
+               num_local_experts=4, interleave_moe_layer_step=2, floor_scale=8, bos_token_id=0, eos_token_id=1,
+               pad_token_id=2, rope_theta=10000.0)
+    torch.manual_seed(seed)
+    return Llama4(ModelConfig(text=TextConfig(**(cfg | text)), vision=None))
+
+
+def token_data(seed=0, batch=4, seq=16) -> TextWindows:
+    g = torch.Generator().manual_seed(123)
+    # a learnable stream: a repeated pattern with noise, split into documents
+    docs = [((torch.arange(40) * 7 + i) % 50 + 3 + (torch.rand(40, generator=g) < 0.1) * 5).tolist()
+            for i in range(30)]
+    return TextWindows(TokenStream(docs, eos_id=1), batch, seq, seed=seed)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = dict(steps=8, lr=1e-2, warmup_steps=2, eval_every=100, ckpt_every=3, log_every=1, progress=False)
+    return TrainConfig(**(base | kw))
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+
+def test_overrides_parse_types_and_reject_typos():
+    c = apply_overrides(default(), parse_overrides(["--lr=1e-4", "--steps", "12", "--fp8", "--out=x",
+                                                    "--balance=aux"]))
+    assert (c.train.lr, c.train.steps, c.train.fp8, c.out, c.train.balance) == (1e-4, 12, True, "x", "aux")
+    with pytest.raises(ValueError, match="unknown setting --lrr.*valid keys:.*lr"):
+        apply_overrides(default(), {"lrr": "1"})
+    with pytest.raises(ValueError, match="--steps expects an integer"):
+        apply_overrides(default(), {"steps": "many"})
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        apply_overrides(default(), {"schedule": "linear"})
+
+
+def test_cli_rejects_typo(capsys):
+    from herd.cli import main
+
+    assert main(["train", "--stepz=3"]) == 2
+    assert "valid keys" in capsys.readouterr().err
+
+
+def test_schedules():
+    c = cfg(steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(0, c) == pytest.approx(0.1) and lr_factor(9, c) == pytest.approx(1.0)
+    assert lr_factor(99, c) == pytest.approx(0.1, abs=1e-3)
+    assert lr_factor(10, c) > lr_factor(50, c) > lr_factor(90, c)
+    w = dataclasses.replace(c, schedule="wsd", decay_fraction=0.2)
+    assert lr_factor(50, w) == lr_factor(79, w) == 1.0
+    assert lr_factor(90, w) == pytest.approx(0.55) and lr_factor(100, w) == pytest.approx(0.1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning, resuming, faults
+# ------------------------------------------------------------------------------------------------
+
+def test_loss_falls(tmp_path):
+    model = small_model()
+    result = train(model, cfg(steps=30), token_data(), causal_lm_loss, tmp_path)
+    losses = train_losses(tmp_path)
+    assert losses[30] < losses[1] - 1.0
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAt:
+    """Wraps a data source and 'kills the process' when batch number `at` is requested."""
+
+    def __init__(self, data, at):
+        self.data, self.at = data, at
+
+    def __next__(self):
+        if self.data.step == self.at:
+            raise Killed
+        return next(self.data)
+
+    def state_dict(self):
+        return self.data.state_dict()
+
+    def load_state_dict(self, s):
+        self.data.load_state_dict(s)
+
+
+@pytest.mark.parametrize("balance,accum", [("bias", 1), ("aux", 2)])
+def test_resume_reproduces_uninterrupted_losses(tmp_path, balance, accum):
+    c = cfg(balance=balance, grad_accum=accum, bias_rate=0.05)
+    train(small_model(), c, token_data(), causal_lm_loss, tmp_path / "straight")
+    with pytest.raises(Killed):  # dies during step 5 (checkpoint at 3), before step 5's checkpoint
+        train(small_model(), c, KillAt(token_data(), at=5 * accum), causal_lm_loss, tmp_path / "killed")
+    assert [p.name for p in step_dirs(tmp_path / "killed" / "checkpoints" / "train")] == ["step_000003"]
+    # a fresh process: a different init and RNG, everything must come from the checkpoint
+    torch.manual_seed(999)
+    result = train(small_model(seed=5), c, token_data(), causal_lm_loss, tmp_path / "killed")
+    assert result.resumed_from == 3
+    straight, resumed = train_losses(tmp_path / "straight"), train_losses(tmp_path / "killed")
+    for step in range(4, 9):
+        assert resumed[step] == straight[step], step
+
+
+def test_nan_steps_are_skipped_then_stop_the_run(tmp_path):
+    model = small_model()
+    calls = {"n": 0}
+
+    def flaky_loss(m, batch):
+        calls["n"] += 1
+        out = causal_lm_loss(m, batch)
+        if calls["n"] == 2 or calls["n"] >= 5:  # one bad step, recovery, then bad for good
+            out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    before = None
+    with pytest.warns(RuntimeWarning, match="step skipped"), pytest.raises(TrainingDiverged, match="step_000003"):
+        train(model, cfg(ckpt_every=3, max_bad_steps=3), token_data(), flaky_loss, tmp_path)
+    # the last good checkpoint (step 3) is intact and loadable
+    ckpts = step_dirs(tmp_path / "checkpoints" / "train")
+    assert [p.name for p in ckpts] == ["step_000003"]
+    state = torch.load(ckpts[0] / "trainer.pt", weights_only=False)
+    assert state["step"] == 3 and before is None
+    losses = train_losses(tmp_path)
+    assert all(math.isfinite(v) for v in losses.values()) and 2 not in losses  # step 2 was skipped
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    model = small_model()
+    c = cfg(steps=6, ckpt_every=3)
+    real_save = torch.save
+
+    def fail_second(obj, path, *a, **k):
+        if "step_000006" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_module.torch, "save", fail_second)
+    with pytest.raises(CheckpointWriteError, match="No space left on device.*previous checkpoint is intact"):
+        train(model, c, token_data(), causal_lm_loss, tmp_path)
+    folder = tmp_path / "checkpoints" / "train"
+    assert [p.name for p in folder.iterdir()] == ["step_000003"]  # no partial step_000006, no temp folder
+
+
+def test_unwritable_run_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(CheckpointWriteError, match="not writable"):
+        ckpt_module.check_writable(blocker / "run")
