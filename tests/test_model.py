@@ -147,3 +147,20 @@ def test_tiny_trains_in_bf16():
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     out.logits.float().logsumexp(-1).mean().backward()
     assert model.vision.patch_embedding.weight.grad is not None
+
+
+def test_flex_attention_matches_dense_masks():
+    """FlexAttention's block-sparse path follows the same visibility rule as the dense masks.
+    (Forward only: PyTorch runs FlexAttention's backward on GPUs alone.)"""
+    from herd.model.attention import use_flex_attention
+
+    model = Llama4(ModelConfig(text=small_text(), vision=None)).eval()
+    randomize_(model, std=0.1)
+    ids = torch.randint(3, 128, (2, 40))
+    docs = torch.tensor([[0] * 13 + [1] * 27, [0] * 40])
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # the second row is left-padded
+    with torch.no_grad():
+        dense = model(ids, attention_mask=mask, document_ids=docs).logits
+        flex = use_flex_attention(model)(ids, attention_mask=mask, document_ids=docs).logits
+    torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)

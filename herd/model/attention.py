@@ -8,13 +8,20 @@ cached decoding all follow the one rule (`attention_mask`).
 
 Fast path: a batch with no padding, no packing and no cache (training, most benchmarks) needs no
 mask at all. Global layers use causal SDPA; chunked layers fold each chunk into the batch and run
-causal SDPA per chunk, so their cost grows with T * chunk rather than T^2. `test_attention`
-checks it against the explicit mask.
+causal SDPA per chunk, so their cost grows with T * chunk rather than T^2. `test_model` checks it
+against the explicit mask.
+
+Other batches (packed documents, padding, a cache) take SDPA with a dense boolean mask, built once
+per layer kind and call. At long context that mask is T^2 bytes; `use_flex_attention(model)`
+switches them to FlexAttention with a block-sparse mask from the same rule, which skips the
+blocks nobody may see (compiled; meant for GPUs, where it also runs backward; the tests check its
+forward on CPU).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -36,6 +43,7 @@ class TokenLayout:
     positions: torch.Tensor
     documents: torch.Tensor | None = None
     plain: bool = False
+    masks: dict = field(default_factory=dict, repr=False)  # built masks, reused by every layer of a kind
 
 
 class KVCache(Protocol):
@@ -58,6 +66,58 @@ def attention_mask(q: TokenLayout, k: TokenLayout, chunk_size: int | None) -> to
     if chunk_size is not None:
         mask = mask & (k_pos // chunk_size == q_pos // chunk_size)
     return mask[:, None]
+
+
+def _visible(q: TokenLayout, k: TokenLayout, chunk_size: int | None):
+    """The rule as a FlexAttention mask_mod over (batch, head, query index, key index)."""
+    q_pos, k_pos = q.positions, k.positions
+    q_doc = q.documents if q.documents is not None else torch.zeros_like(q_pos)
+    k_doc = k.documents if k.documents is not None else torch.zeros_like(k_pos)
+
+    def mask_mod(b, h, qi, ki):
+        seen = (k_pos[b, ki] <= q_pos[b, qi]) & (k_doc[b, ki] == q_doc[b, qi])
+        if chunk_size is not None:
+            seen = seen & (k_pos[b, ki] // chunk_size == q_pos[b, qi] // chunk_size)
+        return seen
+
+    return mask_mod
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def flex_attend(q, k, v, q_layout: TokenLayout, k_layout: TokenLayout, chunk_size: int | None):
+    """FlexAttention over [B, heads, T, Dh] inputs with the block mask of the visibility rule."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def build():
+        B, T, S = q.shape[0], q.shape[2], k.shape[2]
+        return create_block_mask(_visible(q_layout, k_layout, chunk_size), B, None, T, S, device=q.device)
+
+    block_mask = _memo(q_layout, k_layout, ("flex", chunk_size), build)
+    return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+def _memo(q: TokenLayout, k: TokenLayout, key: tuple, build):
+    """Masks of self-attention without a cache are the same for every layer of a kind: build once.
+    (With a cache, keys differ per layer, so nothing is kept.)"""
+    if k is not q:
+        return build()
+    if key not in q.masks:
+        q.masks[key] = build()
+    return q.masks[key]
+
+
+def use_flex_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Switches every decoder attention layer's masked path to FlexAttention (or back)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.flex = enabled
+    return model
 
 
 def temperature_scale(positions: torch.Tensor, attn_scale: float, floor_scale: int) -> torch.Tensor:
@@ -96,6 +156,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=False)
         self.v_proj = nn.Linear(D, self.n_kv_heads * Dh, bias=False)
         self.o_proj = nn.Linear(self.n_heads * Dh, D, bias=False)
+        self.flex = False  # see use_flex_attention
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layout: TokenLayout,
                 cache: KVCache | None = None) -> torch.Tensor:
@@ -121,8 +182,12 @@ class Attention(nn.Module):
             k_layout = layout
             if cache is not None:
                 k, v, k_layout = cache.update(self.layer, k, v, layout)
-            mask = attention_mask(layout, k_layout, self.chunk_size)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, enable_gqa=True
-            ).transpose(1, 2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, Dh]
+            if self.flex:
+                out = flex_attend(q, k, v, layout, k_layout, self.chunk_size)
+            else:
+                mask = _memo(layout, k_layout, ("dense", self.chunk_size),
+                             lambda: attention_mask(layout, k_layout, self.chunk_size))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = out.transpose(1, 2)
         return self.o_proj(out.reshape(B, T, -1))
