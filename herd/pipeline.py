@@ -74,9 +74,17 @@ def code_documents(cfg: RunConfig) -> tuple[list[str], list[str]]:
         if len(texts) < 2:
             raise ValueError(f"--data {cfg.data} holds {len(texts)} text document(s); training needs at least 2")
         return [t for i, t in enumerate(texts) if i % 20 != 19], [t for i, t in enumerate(texts) if i % 20 == 19]
-    train = [d.text for d in stdlib_texts("train", max_bytes=cfg.code_bytes or None)]
-    val = stdlib_texts("validation", max_bytes=cfg.code_bytes // 4 or None)
-    return train, [d.text for d in val]
+    train = [d.text for d in stdlib_texts("train")]
+    val = [d.text for d in stdlib_texts("validation")]
+    if cfg.code_bytes:  # a cap takes evenly spaced files, so the sample spans the whole library
+        train, val = _spread(train, cfg.code_bytes), _spread(val, cfg.code_bytes // 4)
+    return train, val
+
+
+def _spread(texts: list[str], max_bytes: int) -> list[str]:
+    total = sum(map(len, texts))
+    stride = max(1, round(total / max_bytes))
+    return texts[::stride]
 
 
 def _freeze_all_but(model: Llama4, prefixes: tuple[str, ...]) -> None:

@@ -58,17 +58,24 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, D] sorted by expert, counts [E] -> [N, D]."""
-        if _use_grouped_mm(x):
-            offsets = counts.cumsum(0).to(torch.int32)
-            gate, up = torch._grouped_mm(x, self.gate_up_proj, offs=offsets).chunk(2, dim=-1)
-            return torch._grouped_mm(F.silu(gate) * up, self.down_proj, offs=offsets)
-        outs = []
-        for e, x_e in enumerate(torch.split(x, counts.tolist())):
-            if x_e.shape[0] == 0:
-                continue
-            gate, up = (x_e @ self.gate_up_proj[e]).chunk(2, dim=-1)  # [n_e, I] each
-            outs.append((F.silu(gate) * up) @ self.down_proj[e])  # [n_e, D]
-        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+        return grouped_swiglu(x, counts, self.gate_up_proj, self.down_proj)
+
+
+def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Each expert's SwiGLU on its contiguous slice: x [N, D] sorted by expert, counts [E],
+    gate_up [E, D, 2I], down [E, I, D] -> [N, D]. (Also used by herd.distributed's expert
+    parallelism on the experts a rank holds.)"""
+    if _use_grouped_mm(x):
+        offsets = counts.cumsum(0).to(torch.int32)
+        gate, up = torch._grouped_mm(x, gate_up, offs=offsets).chunk(2, dim=-1)
+        return torch._grouped_mm(F.silu(gate) * up, down, offs=offsets)
+    outs = []
+    for e, x_e in enumerate(torch.split(x, counts.tolist())):
+        if x_e.shape[0] == 0:
+            continue
+        gate, up = (x_e @ gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
+        outs.append((F.silu(gate) * up) @ down[e])  # [n_e, D]
+    return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 
 class MoE(nn.Module):

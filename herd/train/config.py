@@ -93,9 +93,9 @@ class RunConfig:
     tokenizer_bytes: int = 8_000_000  # training text for the tokenizer
     code_bytes: int = 0  # cap on the code corpus (0 = all of it)
     # steps per stage (text pretraining takes `train.steps`, i.e. --steps); 0 skips a stage
-    contrastive_steps: int = 150
-    align_steps: int = 150
-    joint_steps: int = 400
+    contrastive_steps: int = 100
+    align_steps: int = 100
+    joint_steps: int = 300
     contrastive_lr: float = 2e-3
     align_lr: float = 2e-3
     joint_lr: float = 1e-3
@@ -131,8 +131,9 @@ def _check_choice(name: str, value: Any, choices) -> None:
 
 def default() -> RunConfig:
     """The main job: a tiny Llama 4 from scratch on a 2-core CPU in about 12-15 minutes."""
-    return RunConfig(train=TrainConfig(steps=1800, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=60,
-                                       eval_every=150, ckpt_every=150))
+    return RunConfig(contrastive_steps=100, align_steps=100, joint_steps=300,
+                     train=TrainConfig(steps=800, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50,
+                                       eval_every=200, ckpt_every=200))
 
 
 def quick() -> RunConfig:
