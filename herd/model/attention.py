@@ -103,13 +103,14 @@ def flex_attend(q, k, v, q_layout: TokenLayout, k_layout: TokenLayout, chunk_siz
 
 
 def _memo(q: TokenLayout, k: TokenLayout, key: tuple, build):
-    """Masks of self-attention without a cache are the same for every layer of a kind: build once.
-    (With a cache, keys differ per layer, so nothing is kept.)"""
-    if k is not q:
-        return build()
-    if key not in q.masks:
-        q.masks[key] = build()
-    return q.masks[key]
+    """Every layer of a kind sees the same query layout and, without a cache, the same key layout
+    (q itself); herd's cache also hands all layers of a kind one key layout per call. A mask is
+    built once for each (query layout, key layout) pair; the entry holds k, so a layer given a
+    different key layout rebuilds instead of reusing a stale mask."""
+    entry = q.masks.get(key)
+    if entry is None or entry[0] is not k:
+        entry = q.masks[key] = (k, build())
+    return entry[1]
 
 
 def use_flex_attention(model: nn.Module, enabled: bool = True) -> nn.Module:
