@@ -110,13 +110,23 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
     from .train.metrics import measure_matmul_peak, training_flops_per_token
     from .train.sources import TextWindows, TokenStream
 
+    from .distributed import init_distributed
+
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    check_writable(out)
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    ctx = init_distributed()  # None unless started by torchrun with several processes
+    main_rank = ctx is None or ctx.is_main
+    if ctx is not None and set(stages) != {"text"}:
+        stages = ("text",)
+        if main_rank:
+            print("distributed run: text pretraining only (FSDP2 + expert parallelism); run the vision "
+                  "stages in one process (--stages=contrastive,align,joint) from its checkpoint")
+    if main_rank:
+        check_writable(out)
+        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     timings: dict[str, float] = {}
     tc = cfg.train
 
@@ -127,7 +137,11 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
     # ---- tokenizer and data
     t = time.perf_counter()
     train_texts, val_texts = code_documents(cfg)
-    tokenizer = load_or_train_tokenizer(cfg, out, train_texts)
+    if main_rank:
+        tokenizer = load_or_train_tokenizer(cfg, out, train_texts)
+    if ctx is not None:  # rank 0 trained it; the others read the same files
+        torch.distributed.barrier()
+        tokenizer = load_or_train_tokenizer(cfg, out, train_texts)
     t = lap("tokenizer", t)
     encode = lambda texts: [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(texts)]  # noqa: E731
     train_docs, val_docs = encode(train_texts), encode(val_texts)
@@ -142,8 +156,9 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
         heldout = SceneSet(tokenizer, vision.image_size, vision.patch_size, cfg.heldout_images,
                            start=10_000_000, seed=tc.seed)
     t = lap("data", t)
-    print(f"data: {len(train_stream):,} training tokens ({len(train_docs)} files), {len(val_stream):,} "
-          f"validation tokens; {cfg.images if need_images else 0} training scenes; {tokenizer}")
+    if main_rank:
+        print(f"data: {len(train_stream):,} training tokens ({len(train_docs)} files), {len(val_stream):,} "
+              f"validation tokens; {cfg.images if need_images else 0} training scenes; {tokenizer}")
 
     torch.manual_seed(tc.seed)
     model = Llama4(model_cfg)
@@ -161,10 +176,18 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
                                    eval_every=min(tc.eval_every, steps), ckpt_every=min(tc.ckpt_every, steps),
                                    **changes)
 
+    checkpointer = None
+    if ctx is not None:
+        from .distributed import parallelize
+        from .distributed.checkpoint import ShardedCheckpointer
+
+        model = parallelize(model, ctx.mesh)
+        checkpointer = ShardedCheckpointer(out / "checkpoints" / "text", tc.keep_checkpoints)
+
     def fit(stage: str, scfg: TrainConfig, data, loss, evaluate, trainable: tuple[str, ...]):
         _freeze_all_but(model, trainable)
         start = time.perf_counter()
-        result = train(model, scfg, data, loss, out, stage=stage, evaluate=evaluate,
+        result = train(model, scfg, data, loss, out, stage=stage, evaluate=evaluate, checkpointer=checkpointer,
                        flops_per_token=flops if stage in ("text", "joint") else None, peak_flops=peak)
         timings[stage] = time.perf_counter() - start
         results[stage] = {"loss": result.loss, **result.eval}
@@ -183,8 +206,9 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
         fit("contrastive", stage_config(cfg.contrastive_steps, cfg.contrastive_lr, balance="none"),
             ContrastivePairs(scenes, cfg.image_batch, seed=tc.seed), clip, retrieval, ("vision.",))
     if "text" in stages and tc.steps:
-        fit("text", tc, TextWindows(train_stream, tc.batch_size, tc.seq_len, seed=tc.seed), causal_lm_loss,
-            code_eval, TEXT_TOWER)
+        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+        fit("text", tc, TextWindows(train_stream, tc.batch_size, tc.seq_len, seed=tc.seed, rank=rank,
+                                    world_size=world), causal_lm_loss, code_eval, TEXT_TOWER)
     if need_images:
         caption_eval = LMEvaluator([CaptionRows(heldout, tc.batch_size, tc.seq_len, tokenizer.pad_id,
                                                 seed=tc.seed + 1).rows(i, tc.batch_size) for i in range(2)])
@@ -210,7 +234,18 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
         if hasattr(m, "selection_bias"):
             m.selection_bias = None
     final = out / "model"
-    save_model(model, final)
+    if ctx is not None:  # gather the shards into one HF checkpoint; rank 0 evaluates it alone
+        from .distributed.checkpoint import export_hf
+
+        export_hf(model, final)
+        if not main_rank:
+            torch.distributed.destroy_process_group()
+            return {}
+        from .hf import from_pretrained
+
+        model = from_pretrained(final)
+    else:
+        save_model(model, final)
     tokenizer.save(final)
     summary: dict = {"config": cfg.to_dict(), "stages": results, "params": model.num_parameters(),
                      "unigram_loss": train_stream.unigram_entropy(val_stream, tokenizer.vocab_size),
@@ -234,6 +269,8 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
 
     report = write_report(out, summary)
     _print_summary(summary, report)
+    if ctx is not None:
+        torch.distributed.destroy_process_group()
     return summary
 
 

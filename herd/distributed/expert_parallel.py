@@ -9,6 +9,11 @@ so the MoE layer does not know it is distributed:
     3. regroup the received tokens by local expert, run the experts, undo the regrouping
     4. all-to-all back: every token returns to the rank it came from, in its original order
 
+Every rank must run the same collectives in the same order, in backward too: a rank that received
+no tokens still passes an (empty) tensor through the graph, or its peers would wait forever in the
+backward all-to-all, and gives its experts a zero gradient (as one process would for its unused
+experts' rows), or gradient clipping would reduce a different set of tensors on each rank.
+
 The local expert weights are the rank's Shard(0) of a DTensor over the mesh, so checkpoints and
 gradient clipping see the whole tensor. Their gradients arrive summed over every rank's tokens,
 while FSDP *averages* the other gradients over ranks; the training loop undoes the average, so the
@@ -71,7 +76,11 @@ class ExpertParallel(nn.Module):
         perm = perm.to(x.device)
         gate_up = _ScaleGrad.apply(self.gate_up_proj.to_local(), 1.0 / W)
         down = _ScaleGrad.apply(self.down_proj.to_local(), 1.0 / W)
-        out = grouped_swiglu(received[perm], recv.sum(0), gate_up, down)
+        if perm.numel():
+            out = grouped_swiglu(received[perm], recv.sum(0), gate_up, down)
+        else:  # nothing routed here: stay in the graph (the backward all-to-all) and give the local
+            # experts a zero gradient, so every rank runs the same collectives (and clips the same set)
+            out = received[perm] + 0.0 * (gate_up.sum() + down.sum())
         restored = torch.empty_like(out).index_copy(0, perm, out)  # back to (source, expert) order
         return all_to_all_single_autograd(restored, send_split, recv_split, self.group)
 

@@ -197,7 +197,7 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
         pause_start = time.perf_counter()  # evaluation and checkpoints do not count as throughput
         if done % cfg.eval_every == 0 or done == cfg.steps:
             last_eval = run_eval(done)
-            if "loss" in last_eval:
+            if "loss" in last_eval and rank == 0:
                 bar.write(f"[{stage}] step {done}: val loss {last_eval['loss']:.3f}"
                           + (f", {last_eval['bpb']:.3f} bits/byte" if "bpb" in last_eval else ""))
         if done % cfg.ckpt_every == 0 or done == cfg.steps:
