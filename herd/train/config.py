@@ -139,10 +139,10 @@ def default() -> RunConfig:
 def quick() -> RunConfig:
     """The same pipeline in under two minutes: every stage runs, learning is only beginning."""
     return RunConfig(out="runs/quick", tokenizer_bytes=2_000_000, code_bytes=3_000_000,
-                     contrastive_steps=30, align_steps=30, joint_steps=50,
-                     images=600, heldout_images=24, samples=2, nll_files=4, nll_len=512,
-                     train=TrainConfig(steps=200, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=20,
-                                       eval_every=50, eval_batches=4, ckpt_every=100))
+                     contrastive_steps=20, align_steps=20, joint_steps=40,
+                     images=400, heldout_images=24, samples=2, nll_files=4, nll_len=512,
+                     train=TrainConfig(steps=150, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=15,
+                                       eval_every=75, eval_batches=4, ckpt_every=75, bias_rate=1e-2))
 
 
 def smoke() -> RunConfig:

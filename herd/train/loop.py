@@ -189,7 +189,7 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
                       "grad_norm": grad_norm, "tokens_per_s": tok_s, "time": time.time()}
             if flops_per_token and peak_flops:
                 record["mfu"] = tok_s * flops_per_token / (peak_flops * world)
-            if balancer.layers:
+            if balancer.layers and load.sum() > 0:  # stages that never route (contrastive) log none
                 record["expert_load"] = load.tolist()
             metrics.write(record)
             bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
