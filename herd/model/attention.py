@@ -21,6 +21,7 @@ forward on CPU).
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -105,11 +106,12 @@ def flex_attend(q, k, v, q_layout: TokenLayout, k_layout: TokenLayout, chunk_siz
 def _memo(q: TokenLayout, k: TokenLayout, key: tuple, build):
     """Every layer of a kind sees the same query layout and, without a cache, the same key layout
     (q itself); herd's cache also hands all layers of a kind one key layout per call. A mask is
-    built once for each (query layout, key layout) pair; the entry holds k, so a layer given a
-    different key layout rebuilds instead of reusing a stale mask."""
+    built once for each (query layout, key layout) pair; the entry holds a weak reference to k, so a
+    layer given a different key layout rebuilds instead of reusing a stale mask. (A strong one would
+    make q -> masks -> q a cycle, which FSDP's walk over forward arguments cannot cross.)"""
     entry = q.masks.get(key)
-    if entry is None or entry[0] is not k:
-        entry = q.masks[key] = (k, build())
+    if entry is None or entry[0]() is not k:
+        entry = q.masks[key] = (weakref.ref(k), build())
     return entry[1]
 
 
