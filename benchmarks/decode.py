@@ -2,16 +2,26 @@
 weight-only quantization, all measured in one run (CPU timings on a shared machine are noisy:
 compare the ratios, which come from the same run).
 
-    python benchmarks/decode.py [--threads N] [--new 128] [--skip-hf]
+    python benchmarks/decode.py [--threads 1] [--new 128] [--skip-hf]
 
 Model: hidden 256, 8 layers (all MoE, 8 experts top-1, width 512), 8 heads / 2 KV heads of 32,
 vocab 8192, chunk 256, random weights. Prompt 128 tokens, 128 new tokens, greedy. Decode speed
 counts the 127 steps after the first token (prefill excluded) and takes the best of `--repeats`.
+
+One thread by default: a batch-1 GEMV runs on one thread in PyTorch's CPU BLAS anyway, and on a
+machine shared with other jobs a second OpenMP thread that loses its core stalls every op (we saw
+100x slowdowns). The roofline uses the read bandwidth measured with the same thread count.
+
+The row "[in, out] weight layout" is an experiment, not a library feature: nn.Linear keeps weights
+[out, in], and PyTorch's CPU `x @ W.T` GEMV reads that layout about 2x slower than `x @ W` with W
+stored [in, out] (the layout the experts already use); the row swaps the decoder's linears for
+`x @ W_t` to show what the layout is worth.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 
@@ -20,6 +30,25 @@ import torch
 from herd.config import ModelConfig, TextConfig
 from herd.inference import generate_stream
 from herd.model import Llama4
+
+
+class InOutLinear(torch.nn.Module):
+    """y = x @ W_t with W_t = W.T stored contiguous ([in, out]); the experiment described above."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight_t = linear.weight.detach().t().contiguous()
+
+    def forward(self, x):
+        return x @ self.weight_t
+
+
+def in_out_layout(model: Llama4) -> Llama4:
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear) and name != "router":
+                setattr(module, name, InOutLinear(child))
+    return model
 
 
 def bench_config() -> ModelConfig:
@@ -84,7 +113,7 @@ def hf_decode(hf, prompt: torch.Tensor, new: int, repeats: int) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
@@ -117,6 +146,11 @@ def main():
         rows.append((f"transformers {transformers.__version__} fp32, batch 1", hf_tps,
                      f"herd {fp32 / hf_tps:.1f}x faster; same greedy tokens: {torch.equal(ours, theirs)}"))
         del hf
+
+    layout = in_out_layout(copy.deepcopy(model))
+    tps = herd_decode(layout, prompt, args.new, args.repeats)
+    rows.append(("herd fp32, [in, out] weight layout (exp.)", tps,
+                 f"{tps / fp32:.2f}x herd fp32; {tps / (bw / active):.0%} of roofline"))
 
     b16 = herd_decode(model, batch, args.new, args.repeats)
     rows.append((f"herd fp32, batch {args.batch} (aggregate)", b16, f"{b16 / fp32:.1f}x batch 1"))

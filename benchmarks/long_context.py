@@ -1,6 +1,6 @@
 """Long-context prefill and decode on the tiny preset (random weights), at 8K, 32K and 128K tokens.
 
-    python benchmarks/long_context.py [--lengths 8192 32768 131072] [--new 16] [--prefill-chunk 1024]
+    python benchmarks/long_context.py [--lengths 8192 32768 131072] [--new 18] [--prefill-chunk 1024] [--threads 1]
 
 Each length runs in its own process so that its peak memory (max RSS, minus the RSS after the model
 is built) is its own. Printed per length: prefill and decode tokens/s, the KV cache's bytes, and the
@@ -67,8 +67,10 @@ def main():
     ap.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 131072])
     ap.add_argument("--new", type=int, default=18)
     ap.add_argument("--prefill-chunk", type=int, default=1024)
+    ap.add_argument("--threads", type=int, default=1, help="1 by default: see benchmarks/decode.py")
     ap.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one length, print JSON
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.one:
         print(json.dumps(one(args.one, args.new, args.prefill_chunk)))
         return
@@ -78,7 +80,7 @@ def main():
     print("|---:|---:|---:|---:|---:|---:|")
     for length in args.lengths:
         out = subprocess.run([sys.executable, __file__, "--one", str(length), "--new", str(args.new),
-                              "--prefill-chunk", str(args.prefill_chunk)], capture_output=True, text=True)
+                              "--prefill-chunk", str(args.prefill_chunk), "--threads", str(args.threads)], capture_output=True, text=True)
         if out.returncode:
             print(f"| {length} | failed: {out.stderr.strip().splitlines()[-1]} |")
             continue
