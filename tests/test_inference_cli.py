@@ -10,7 +10,7 @@ from herd.cli import main
 from herd.config import ModelConfig, TextConfig, VisionConfig
 from herd.data.corpora import stdlib_texts
 from herd.inference.chat_cmd import chat_loop
-from herd.inference.session import ChatSession, Sampling, load_model_and_tokenizer
+from herd.inference.session import ChatSession, Sampling, TextStream, load_model_and_tokenizer
 from herd.model import Llama4
 from herd.tokenizer import train_tokenizer
 
@@ -42,6 +42,19 @@ def test_generate_command_streams_text(checkpoint, capsys):
     assert capsys.readouterr().out.strip()  # some text came out
     assert main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
+    assert main(["generate", "--model", str(checkpoint), "--prompt", "x = ", "--max-new-tokens", "3",
+                 "--quantize", "int4", "--chat", "--image", str(checkpoint / "cat.png")]) == 0
+
+
+def test_text_stream_holds_back_partial_characters(checkpoint):
+    _, tok = load_model_and_tokenizer(checkpoint)
+    out = []
+    stream = TextStream(tok, out.append)
+    ids = tok.encode("héllo ✓")
+    assert tok.decode(ids[:2]).endswith("\ufffd")  # the tokenizer does split a character
+    for i in ids:
+        stream.add(i)
+    assert "".join(out) == "héllo ✓" and all("\ufffd" not in piece for piece in out)
 
 
 def test_chat_session_survives_bad_input_and_interrupts(checkpoint):
