@@ -10,8 +10,8 @@ last piece is projected to the vocabulary. Images are encoded once, for the whol
 features are fed to the pieces with the text embeddings.
 
 The step is kept lean for CPU decoding, where Python overhead rivals the weight reads: the cache
-writes in place, the RoPE frequencies are computed once, and the only host synchronisation per step
-is the check whether every row has stopped.
+writes in place, the RoPE frequencies are computed once, and the engine's only host synchronisation
+per step is the check whether every row has stopped (the MoE's expert split adds one inside the model).
 """
 
 from __future__ import annotations
