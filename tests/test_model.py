@@ -28,6 +28,8 @@ def small_text(**kw) -> TextConfig:
 def test_grouped_moe_matches_dense_reference(top_k):
     moe = MoE(small_text(num_experts_per_tok=top_k, num_local_experts=6))
     randomize_(moe)
+    one = torch.randn(1, 1, 64)  # the single-token (decoding) path
+    torch.testing.assert_close(moe(one)[0], moe_reference(moe, one).view_as(one), rtol=1e-5, atol=1e-5)
     x = torch.randn(3, 11, 64, requires_grad=True)
     out, stats = moe(x)
     ref = moe_reference(moe, x).view_as(out)
@@ -164,3 +166,17 @@ def test_flex_attention_matches_dense_masks():
         dense = model(ids, attention_mask=mask, document_ids=docs).logits
         flex = use_flex_attention(model)(ids, attention_mask=mask, document_ids=docs).logits
     torch.testing.assert_close(flex, dense, rtol=1e-4, atol=1e-4)
+
+
+def test_inputs_embeds_give_the_same_logits_as_ids():
+    model = Llama4(tiny()).eval()
+    ids = torch.randint(0, 7936, (2, 50))
+    ids[1, 3:19] = model.config.image_token_index
+    pixels = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        from_ids = model(ids, pixel_values=pixels, logits_to_keep=3).logits
+        from_embeds = model(inputs_embeds=model.embed(ids, pixels), logits_to_keep=3).logits
+    assert from_ids.shape == (2, 3, 8192)
+    torch.testing.assert_close(from_embeds, from_ids)
+    with pytest.raises(ValueError, match="exactly one of input_ids"):
+        model(ids, inputs_embeds=model.embed(ids, pixels))

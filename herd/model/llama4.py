@@ -111,21 +111,31 @@ class Llama4(nn.Module):
                 "prompt and the tiles with the same image processor")
         return h.masked_scatter(is_patch[..., None], features)
 
-    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                layout: TokenLayout | None = None, logits_to_keep: int | None = None) -> Llama4Output:
+                layout: TokenLayout | None = None, logits_to_keep: int | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> Llama4Output:
         """input_ids [B, T]; pixel_values [N_tiles, C, S, S]; attention_mask [B, T] (1 = real,
         0 = padding); document_ids [B, T] for packed sequences; position_ids [B, T] to override
         the positions derived from those. A cache (herd.inference) passes the layout it computed.
-        `logits_to_keep=n` projects only the last n positions to the vocabulary (generation)."""
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+        `logits_to_keep=n` projects only the last n positions to the vocabulary (generation);
+        `inputs_embeds` [B, T, D] replaces input_ids (e.g. pieces of a prompt embedded once)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
+        if inputs_embeds is None:
+            if input_ids.ndim != 2:
+                raise ValueError(f"input_ids must be [batch, tokens], got shape {list(input_ids.shape)}")
+            h = self.embed(input_ids, pixel_values)
+        else:
+            if pixel_values is not None:
+                raise ValueError("pixel_values go with input_ids; inputs_embeds already hold the image features")
+            h = inputs_embeds
         if layout is None:
-            layout = token_layout(input_ids, attention_mask, document_ids, position_ids)
+            ids = input_ids if input_ids is not None else h.new_zeros(h.shape[:2], dtype=torch.long)
+            layout = token_layout(ids, attention_mask, document_ids, position_ids)
         t = self.config.text
         rope = text_angles(layout.positions, text_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling))
-        h = self.embed(input_ids, pixel_values)
         router = []
         for layer in self.layers:
             h, stats = layer(h, rope, layout, cache)

@@ -109,6 +109,13 @@ class MoE(nn.Module):
             top_logits = logits.gather(1, top_experts)
         gates = torch.sigmoid(top_logits.float()).to(x.dtype)  # not softmax, not renormalised
 
+        if x.shape[0] == 1:  # one token (decoding): its k experts need no sorting or scattering
+            chosen, order = top_experts[0].sort()
+            counts = torch.bincount(chosen, minlength=self.num_experts)
+            routed_out = self.experts(x * gates[0, order, None], counts)  # [k, D]
+            out = self.shared_expert(x) + routed_out.sum(0, keepdim=True)
+            return out.view(shape), RouterStats(logits=logits, counts=counts)
+
         # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.
         flat_experts = top_experts.flatten()  # [N*k]
         order = torch.argsort(flat_experts, stable=True)
