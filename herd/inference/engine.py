@@ -22,7 +22,6 @@ import torch
 
 from ..model.attention import TokenLayout
 from ..model.llama4 import Llama4, token_layout
-from ..model.rope import text_angles, text_inv_freq
 from .cache import StaticKVCache
 from .sampling import check_sampling, sample
 
@@ -43,21 +42,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
 
 
 class Decoder:
-    """Runs the decoder stack of `model` on embeddings against a cache: the prefill and decode steps
-    share it. (`Llama4.forward` starts from token ids; generation starts from embeddings so that image
-    features computed once can be fed to the prompt's pieces.)"""
+    """One forward call of `model` on embeddings against a cache: the prefill and decode steps share
+    it. (Generation starts from embeddings so that image features computed once can be fed to the
+    prompt's pieces.)"""
 
     def __init__(self, model: Llama4):
-        t = model.config.text
         self.model = model
-        self.inv_freq = text_inv_freq(t.head_dim, t.rope_theta, t.rope_scaling).to(model.device)
 
     def __call__(self, h: torch.Tensor, layout: TokenLayout, cache: StaticKVCache) -> torch.Tensor:
         """h [B, T, D] -> logits of the last token [B, V] (fp32)."""
-        rope = text_angles(layout.positions, self.inv_freq)
-        for layer in self.model.layers:
-            h, _ = layer(h, rope, layout, cache)
-        return self.model.lm_head(self.model.norm(h[:, -1])).float()
+        return self.model(inputs_embeds=h, layout=layout, cache=cache, logits_to_keep=1).logits[:, -1].float()
 
 
 def prefill(decoder: Decoder, input_ids: torch.Tensor, cache: StaticKVCache,

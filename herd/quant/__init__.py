@@ -71,6 +71,9 @@ def quantize_(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZ
     if getattr(model, "quantization", None) is not None:
         raise ValueError(f"quantize: the model is already quantized ({model.quantization['method']}); "
                          "load the full-precision checkpoint to quantize it another way")
+    if getattr(model, "decode_ready", False):
+        raise ValueError("quantize: the model was already prepared for decoding (prepare_for_decoding); "
+                         "quantize first, then prepare")
     make = _quantizer(method, group_size)
     for parent in list(model.layers.modules()):
         for name, child in list(parent.named_children()):

@@ -36,6 +36,11 @@ class Fp8Weight(nn.Module):
         scale = w.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
         return cls((w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
 
+    @classmethod
+    def cat(cls, parts: list["Fp8Weight"]) -> "Fp8Weight":
+        """One layer whose outputs are those of `parts` side by side (their rows stacked)."""
+        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]))
+
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
 

@@ -57,6 +57,14 @@ class Int4Weight(nn.Module):
         q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
         return cls(_pack_nibbles(q), scale, zero)
 
+    @classmethod
+    def cat(cls, parts: list["Int4Weight"]) -> "Int4Weight":
+        """One layer whose outputs are those of `parts` side by side (their rows stacked); the parts
+        must share a group size."""
+        if len({p.group_size for p in parts}) != 1:
+            raise ValueError("Int4Weight.cat: the parts have different group sizes")
+        return cls(*(torch.cat([getattr(p, n) for p in parts]) for n in ("qweight", "scale", "zero")))
+
     def dequantize(self) -> torch.Tensor:
         q = _unpack_nibbles(self.qweight).float()  # [N, K]
         scale = self.scale.repeat_interleave(self.group_size, dim=1)

@@ -29,6 +29,11 @@ class Int8Weight(nn.Module):
         q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
         return cls(q, scale)
 
+    @classmethod
+    def cat(cls, parts: list["Int8Weight"]) -> "Int8Weight":
+        """One layer whose outputs are those of `parts` side by side (their rows stacked)."""
+        return cls(torch.cat([p.qweight for p in parts]), torch.cat([p.scale for p in parts]))
+
     def dequantize(self) -> torch.Tensor:
         return self.qweight.float() * self.scale[:, None]
 
