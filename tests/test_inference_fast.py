@@ -1,0 +1,62 @@
+"""The decode-time module swaps (herd.inference.fast) against the model's own modules, their slow
+twin: same logits (full forward and cached decoding) and same greedy tokens, with and without
+quantization."""
+
+import copy
+
+import pytest
+import torch
+
+from herd.inference import generate, pad_prompts
+from herd.inference.fast import DecodeMoE, FastAttention, FusedSwiGLU, prepare_for_decoding
+from herd.quant import quantize_
+from tests.test_inference import cached_logits, random_rows, tiny_model
+
+
+def twins(method=None, **overrides):
+    """A model (dense and MoE layers, top-2 routing) and its prepared copy."""
+    model = tiny_model(moe_step=2, top_k=2, **overrides)
+    if method is not None:
+        quantize_(model, method)
+    return model, prepare_for_decoding(copy.deepcopy(model))
+
+
+def test_modules_are_swapped_and_prepare_is_idempotent():
+    model, fast = twins()
+    assert isinstance(fast.layers[0].self_attn, FastAttention)
+    assert isinstance(fast.layers[0].feed_forward, FusedSwiGLU)  # moe_step=2: layer 0 dense
+    assert isinstance(fast.layers[1].feed_forward, DecodeMoE)
+    assert fast.layers[0].self_attn.qkv_proj.weight.shape == (64, (4 + 2 * 2) * 16)  # [in, out]
+    assert prepare_for_decoding(fast) is fast
+    with pytest.raises(ValueError, match="quantize first"):
+        quantize_(fast, "int8")
+
+
+@pytest.mark.parametrize("method", [None, "int8", "int4"])
+def test_fast_logits_equal_plain(method):
+    """Full forward and prefill + cached decoding on a left-padded batch (past chunk boundaries
+    and floor_scale): the prepared model gives the plain model's logits."""
+    model, fast = twins(method)
+    ids, mask = pad_prompts(random_rows([11, 3]), pad_id=0)
+    continuation = torch.randint(3, 240, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits,
+                                   rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(cached_logits(fast, ids, mask, None, continuation, prefill_chunk=4),
+                               cached_logits(model, ids, mask, None, continuation, prefill_chunk=4),
+                               rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", [None, "int8", "int4"])
+def test_fast_greedy_tokens_equal_plain(method):
+    """Batch 1 (the few-token MoE path) and batch 3 (the grouped path), with a selection bias."""
+    model, fast = twins(method)
+    bias = torch.tensor([0.0, 0.3, -0.2, 0.1])
+    for m in (model, fast):
+        for layer in m.layers:
+            if layer.is_moe:
+                layer.feed_forward.selection_bias = bias
+    for rows in (random_rows([9], seed=2), random_rows([7, 7, 7], seed=4)):
+        ids = torch.tensor(rows)
+        assert torch.equal(generate(fast, ids, 20, temperature=0.0, stop_token_ids=[]),
+                           generate(model, ids, 20, temperature=0.0, stop_token_ids=[]))
