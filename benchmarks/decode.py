@@ -12,43 +12,22 @@ One thread by default: a batch-1 GEMV runs on one thread in PyTorch's CPU BLAS a
 machine shared with other jobs a second OpenMP thread that loses its core stalls every op (we saw
 100x slowdowns). The roofline uses the read bandwidth measured with the same thread count.
 
-The row "[in, out] weight layout" is an experiment, not a library feature: nn.Linear keeps weights
-[out, in], and PyTorch's CPU `x @ W.T` GEMV reads that layout about 2x slower than `x @ W` with W
-stored [in, out] (the layout the experts already use); the row swaps the decoder's linears for
-`x @ W_t` to show what the layout is worth.
+herd's rows decode with the model prepared by `herd.inference.prepare_for_decoding` (fused
+projections, [in, out] weights, the few-token MoE; what `herd generate/chat` use) unless the row
+says "as trained" (the model's own modules, the slow twin).
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import tempfile
 import time
 
 import torch
 
 from herd.config import ModelConfig, TextConfig
-from herd.inference import generate_stream
+from herd.inference import generate_stream, prepare_for_decoding
 from herd.model import Llama4
-
-
-class InOutLinear(torch.nn.Module):
-    """y = x @ W_t with W_t = W.T stored contiguous ([in, out]); the experiment described above."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        super().__init__()
-        self.weight_t = linear.weight.detach().t().contiguous()
-
-    def forward(self, x):
-        return x @ self.weight_t
-
-
-def in_out_layout(model: Llama4) -> Llama4:
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, torch.nn.Linear) and name != "router":
-                setattr(module, name, InOutLinear(child))
-    return model
 
 
 def bench_config() -> ModelConfig:
@@ -111,6 +90,12 @@ def hf_decode(hf, prompt: torch.Tensor, new: int, repeats: int) -> float:
     return prompt.shape[0] / best
 
 
+def copy_of(model: Llama4) -> Llama4:
+    fresh = Llama4(model.config).eval()
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -130,8 +115,11 @@ def main():
     rows = []
     bw = read_bandwidth()
     active = active_weight_bytes(model)
-    fp32 = herd_decode(model, prompt, args.new, args.repeats)
+    plain = herd_decode(model, prompt, args.new, args.repeats)
+    fast_model = prepare_for_decoding(copy_of(model))
+    fp32 = herd_decode(fast_model, prompt, args.new, args.repeats)
     rows.append(("herd fp32, batch 1", fp32, f"{fp32 / (bw / active):.0%} of roofline"))
+    rows.append(("herd fp32, batch 1, as trained", plain, f"prepared is {fp32 / plain:.2f}x faster"))
 
     if not args.skip_hf:
         import transformers
@@ -141,34 +129,24 @@ def main():
             hf = transformers.Llama4ForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
         with torch.no_grad():
             theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
-        ours = model.generate(prompt, 16, temperature=0.0, stop_token_ids=[])
+        ours = fast_model.generate(prompt, 16, temperature=0.0, stop_token_ids=[])
         hf_tps = hf_decode(hf, prompt, args.new, args.repeats)
         rows.append((f"transformers {transformers.__version__} fp32, batch 1", hf_tps,
                      f"herd {fp32 / hf_tps:.1f}x faster; same greedy tokens: {torch.equal(ours, theirs)}"))
         del hf
 
-    layout = in_out_layout(copy.deepcopy(model))
-    tps = herd_decode(layout, prompt, args.new, args.repeats)
-    rows.append(("herd fp32, [in, out] weight layout (exp.)", tps,
-                 f"{tps / fp32:.2f}x herd fp32; {tps / (bw / active):.0%} of roofline"))
-
-    b16 = herd_decode(model, batch, args.new, args.repeats)
+    b16 = herd_decode(fast_model, batch, args.new, args.repeats)
     rows.append((f"herd fp32, batch {args.batch} (aggregate)", b16, f"{b16 / fp32:.1f}x batch 1"))
 
-    try:
-        from herd.quant import quantize_
-    except ImportError:
-        quantize_ = None
-    if quantize_ is not None:
-        for method in ("int8", "int4"):
-            q = Llama4(bench_config()).eval()
-            q.load_state_dict(model.state_dict())
-            quantize_(q, method)
-            tps = herd_decode(q, prompt, args.new, args.repeats)
-            q_bytes = active_weight_bytes(q)
-            rows.append((f"herd {method}, batch 1", tps,
-                         f"{tps / fp32:.2f}x fp32; {q_bytes / 2**20:.1f} MiB read/token, "
-                         f"{tps / (bw / q_bytes):.0%} of its roofline"))
+    from herd.quant import quantize_
+
+    for method in ("int8", "int4"):
+        q = prepare_for_decoding(quantize_(copy_of(model), method))
+        tps = herd_decode(q, prompt, args.new, args.repeats)
+        q_bytes = active_weight_bytes(q)
+        rows.append((f"herd {method}, batch 1", tps,
+                     f"{tps / fp32:.2f}x fp32; {q_bytes / 2**20:.1f} MiB read/token, "
+                     f"{tps / (bw / q_bytes):.0%} of its roofline"))
 
     print(f"read bandwidth {bw / 1e9:.1f} GB/s; fp32 active weights {active / 2**20:.1f} MiB/token "
           f"-> roofline {bw / active:.0f} tokens/s")

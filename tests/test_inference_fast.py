@@ -60,3 +60,16 @@ def test_fast_greedy_tokens_equal_plain(method):
         ids = torch.tensor(rows)
         assert torch.equal(generate(fast, ids, 20, temperature=0.0, stop_token_ids=[]),
                            generate(model, ids, 20, temperature=0.0, stop_token_ids=[]))
+
+
+def test_gathered_experts_equal_the_dense_reference():
+    """The no-host-read expert path (accelerators, compiled graphs) against `moe_reference`."""
+    from herd.model.moe import moe_reference
+
+    model, fast = twins()
+    moe, decode_moe = model.layers[1].feed_forward, fast.layers[1].feed_forward
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        top_logits, top_experts = torch.topk(decode_moe.router(x), 2, dim=-1)
+        got = decode_moe.shared_expert(x) + decode_moe._gathered(x, top_experts, torch.sigmoid(top_logits))
+        torch.testing.assert_close(got, moe_reference(moe, x), rtol=1e-5, atol=1e-5)

@@ -2,6 +2,8 @@
 
 from .cache import StaticKVCache
 from .engine import Decoder, generate, generate_stream, pad_prompts, prefill
+from .fast import prepare_for_decoding
 from .sampling import sample
 
-__all__ = ["StaticKVCache", "Decoder", "generate", "generate_stream", "pad_prompts", "prefill", "sample"]
+__all__ = ["StaticKVCache", "Decoder", "generate", "generate_stream", "pad_prompts", "prefill", "prepare_for_decoding",
+           "sample"]

@@ -166,6 +166,15 @@ class DecodeMoE(nn.Module):
         gate, up = (x @ ex.gate_up_proj[e]).chunk(2, dim=-1)
         return (F.silu(gate) * up) @ ex.down_proj[e]
 
+    def _gathered(self, x: torch.Tensor, top_experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
+        """Sum over each token's k experts with the chosen weights gathered by index: no host read
+        (accelerators, compiled graphs). x [N, D], top_experts and gates [N, k] -> [N, D]."""
+        gate_up = self.experts.gate_up_proj[top_experts]  # [N, k, D, 2I]
+        down = self.experts.down_proj[top_experts]  # [N, k, I, D]
+        xg = (x[:, None, :] * gates[..., None])[..., None, :]  # [N, k, 1, D]
+        gate, up = (xg @ gate_up).chunk(2, dim=-1)  # [N, k, 1, I] each
+        return ((F.silu(gate) * up) @ down).sum(1)[:, 0]  # [N, D]
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterStats]:
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
@@ -179,12 +188,17 @@ class DecodeMoE(nn.Module):
         counts = torch.bincount(top_experts.flatten(), minlength=self.num_experts)
         out = self.shared_expert(x)
         N, k = top_experts.shape
-        if N * k <= FEW_TOKENS:
-            # One host read of the chosen ids (free on CPU); then each pair is a plain SwiGLU.
+        stats = RouterStats(logits=logits, counts=counts)
+        few = N * k <= FEW_TOKENS
+        if few and not isinstance(self.experts, QuantExperts) and (x.device.type != "cpu" or torch.compiler.is_compiling()):
+            return (out + self._gathered(x, top_experts, gates)).view(shape), stats
+        if few:
+            # On CPU a host read of the chosen ids costs nothing and beats copying their weights;
+            # then each (token, expert) pair is a plain SwiGLU on the expert's own weights.
             for pair, e in enumerate(top_experts.flatten().tolist()):
                 n = pair // k
                 out[n] += self._expert(e, x[n:n + 1] * gates[n, pair % k])[0]
-            return out.view(shape), RouterStats(logits=logits, counts=counts)
+            return out.view(shape), stats
         order = torch.argsort(top_experts.flatten(), stable=True)
         token_of_pair = order // k
         routed_in = x[token_of_pair] * gates.flatten()[order, None]
@@ -192,7 +206,7 @@ class DecodeMoE(nn.Module):
             routed_out = self.experts(routed_in, counts)
         else:
             routed_out = grouped_swiglu(routed_in, counts, self.experts.gate_up_proj, self.experts.down_proj)
-        return out.index_add(0, token_of_pair, routed_out).view(shape), RouterStats(logits=logits, counts=counts)
+        return out.index_add(0, token_of_pair, routed_out).view(shape), stats
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from ..chat import parse_assistant, render_chat
 from ..model import Llama4
 from ..tokenizer import Tokenizer
 from .engine import generate_stream
+from .fast import prepare_for_decoding
 
 
 @dataclass
@@ -33,10 +34,11 @@ def load_model_and_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | 
                              quantize: str | None = None, dtype: torch.dtype | None = None
                              ) -> tuple[Llama4, Tokenizer]:
     """A checkpoint directory (config.json + safetensors) and the tokenizer.json beside it (or in
-    `tokenizer_dir`); checks that the two agree on the vocabulary."""
+    `tokenizer_dir`); checks that the two agree on the vocabulary. The model is prepared for decoding
+    (herd.inference.fast), after quantization."""
     from ..hf import from_pretrained
 
-    model = from_pretrained(model_dir, dtype=dtype, quantize=quantize)
+    model = prepare_for_decoding(from_pretrained(model_dir, dtype=dtype, quantize=quantize).eval())
     tokenizer = Tokenizer.from_dir(tokenizer_dir or model_dir)
     if tokenizer.vocab_size > model.config.text.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only "

@@ -20,6 +20,7 @@ class Int8Weight(nn.Module):
         super().__init__()
         self.register_buffer("qweight", qweight)  # [N, K] int8
         self.register_buffer("scale", scale)  # [N] fp32
+        self._scale_bf16: torch.Tensor | None = None  # the kernel's copy of the scales, made on first use
 
     @classmethod
     def from_float(cls, weight: torch.Tensor) -> "Int8Weight":
@@ -41,5 +42,11 @@ class Int8Weight(nn.Module):
         if x.device.type != "cpu":  # no portable int8 GEMM: dequantize (correct, not fast)
             return F.linear(x, self.dequantize().to(x.dtype))
         x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch._weight_int8pack_mm(x2, self.qweight, self.scale.to(torch.bfloat16))
+        if self._scale_bf16 is None:
+            self._scale_bf16 = self.scale.to(torch.bfloat16)
+        y = torch._weight_int8pack_mm(x2, self.qweight, self._scale_bf16)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._scale_bf16 = None  # new scales: convert again on the next call
+        super()._load_from_state_dict(*args, **kwargs)
