@@ -36,7 +36,7 @@ class Int4Weight(nn.Module):
         self.register_buffer("qweight", qweight)  # [N, K/2] uint8, two nibbles per byte
         self.register_buffer("scale", scale)  # [N, K/group] fp32
         self.register_buffer("zero", zero)  # [N, K/group] fp32
-        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # (tiled weight, scales+zeros)
+        self._kernel: tuple[torch.Tensor, torch.Tensor, int] | None = None  # tiled weight, scales+zeros, group
 
     @property
     def group_size(self) -> int:
@@ -71,19 +71,19 @@ class Int4Weight(nn.Module):
         zero = self.zero.repeat_interleave(self.group_size, dim=1)
         return (q - 8) * scale + zero
 
-    def _uses_kernel(self, x: torch.Tensor) -> bool:
-        return x.device.type == "cpu" and self.group_size in KERNEL_GROUPS and self.qweight.shape[0] % 16 == 0
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._uses_kernel(x):
-            return F.linear(x, self.dequantize().to(x.dtype))
-        if self._kernel is None:
+        if self._kernel is None and x.device.type == "cpu" and self.group_size in KERNEL_GROUPS \
+                and self.qweight.shape[0] % 16 == 0:
             tiled = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 _unpack_nibbles(self.qweight).to(torch.int32), 1)
             scales_zeros = torch.stack([self.scale.t(), self.zero.t()], dim=-1).to(torch.bfloat16)  # [G, N, 2]
-            self._kernel = (tiled, scales_zeros.contiguous())
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self._kernel[0], self.group_size, self._kernel[1])
+            self._kernel = (tiled, scales_zeros.contiguous(), self.group_size)
+        if self._kernel is None or x.device.type != "cpu":
+            return F.linear(x, self.dequantize().to(x.dtype))
+        # Decoding calls this dozens of times a token: nothing here but the kernel and two casts.
+        tiled, scales_zeros, group = self._kernel
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), tiled,
+                                                       group, scales_zeros)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
     def _load_from_state_dict(self, *args, **kwargs):
