@@ -2,7 +2,7 @@
 weight-only quantization, all measured in one run (CPU timings on a shared machine are noisy:
 compare the ratios, which come from the same run).
 
-    python benchmarks/decode.py [--threads 1] [--new 128] [--skip-hf]
+    python benchmarks/decode.py [--threads 1] [--new 128] [--skip-hf] [--skip-compile]
 
 Model: hidden 256, 8 layers (all MoE, 8 experts top-1, width 512), 8 heads / 2 KV heads of 32,
 vocab 8192, chunk 256, random weights. Prompt 128 tokens, 128 new tokens, greedy. Decode speed
@@ -66,11 +66,12 @@ def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def herd_decode(model: Llama4, prompt: torch.Tensor, new: int, repeats: int) -> float:
-    """Decode tokens/s (all rows together), prefill excluded."""
+def herd_decode(model: Llama4, prompt: torch.Tensor, new: int, repeats: int, compile: bool = False) -> float:
+    """Decode tokens/s (all rows together), prefill excluded; with `compile`, one untimed run first
+    compiles the step."""
     best = float("inf")
-    for _ in range(repeats):
-        stream = generate_stream(model, prompt, new, temperature=0.0, stop_token_ids=[])
+    for _ in range(repeats + compile):
+        stream = generate_stream(model, prompt, new, temperature=0.0, stop_token_ids=[], compile=compile)
         next(stream)  # prefill + first token
         t = time.perf_counter()
         n = sum(1 for _ in stream)
@@ -104,6 +105,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -120,6 +122,12 @@ def main():
     fp32 = herd_decode(fast_model, prompt, args.new, args.repeats)
     rows.append(("herd fp32, batch 1", fp32, f"{fp32 / (bw / active):.0%} of roofline"))
     rows.append(("herd fp32, batch 1, as trained", plain, f"prepared is {fp32 / plain:.2f}x faster"))
+    if not args.skip_compile:
+        t = time.perf_counter()
+        compiled = herd_decode(fast_model, prompt, args.new, args.repeats, compile=True)
+        rows.append(("herd fp32, batch 1, compiled step", compiled,
+                     f"{compiled / fp32:.2f}x prepared; {compiled / (bw / active):.0%} of roofline; "
+                     f"compile + runs {time.perf_counter() - t:.0f} s"))
 
     if not args.skip_hf:
         import transformers
@@ -131,8 +139,9 @@ def main():
             theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
         ours = fast_model.generate(prompt, 16, temperature=0.0, stop_token_ids=[])
         hf_tps = hf_decode(hf, prompt, args.new, args.repeats)
+        compiled_note = "" if args.skip_compile else f", compiled {compiled / hf_tps:.1f}x"
         rows.append((f"transformers {transformers.__version__} fp32, batch 1", hf_tps,
-                     f"herd {fp32 / hf_tps:.1f}x faster; same greedy tokens: {torch.equal(ours, theirs)}"))
+                     f"herd {fp32 / hf_tps:.1f}x faster{compiled_note}; same greedy tokens: {torch.equal(ours, theirs)}"))
         del hf
 
     b16 = herd_decode(fast_model, batch, args.new, args.repeats)

@@ -58,8 +58,8 @@ def test_fast_greedy_tokens_equal_plain(method):
                 layer.feed_forward.selection_bias = bias
     for rows in (random_rows([9], seed=2), random_rows([7, 7, 7], seed=4)):
         ids = torch.tensor(rows)
-        assert torch.equal(generate(fast, ids, 20, temperature=0.0, stop_token_ids=[]),
-                           generate(model, ids, 20, temperature=0.0, stop_token_ids=[]))
+        assert torch.equal(generate(fast, ids, 12, temperature=0.0, stop_token_ids=[]),
+                           generate(model, ids, 12, temperature=0.0, stop_token_ids=[]))
 
 
 def test_gathered_experts_equal_the_dense_reference():
@@ -73,3 +73,19 @@ def test_gathered_experts_equal_the_dense_reference():
         top_logits, top_experts = torch.topk(decode_moe.router(x), 2, dim=-1)
         got = decode_moe.shared_expert(x) + decode_moe._gathered(x, top_experts, torch.sigmoid(top_logits))
         torch.testing.assert_close(got, moe_reference(moe, x), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_step_gives_the_eager_tokens():
+    """The one compile test (about 20 s on CPU): a left-padded batch past a chunk boundary, and a
+    second prompt length that reuses the graph (cache sizes are rounded up)."""
+    model, fast = twins()
+    with pytest.raises(ValueError, match="prepare_for_decoding"):
+        generate(model, torch.tensor([[5, 6]]), 2, compile=True)
+    with pytest.raises(ValueError, match="pairs per step"):
+        generate(fast, torch.ones(3, 2, dtype=torch.long), 2, compile=True)  # 3 rows x top-2
+    ids, mask = pad_prompts(random_rows([6, 3], seed=6), pad_id=0)
+    for n in (0, 1):
+        ids_n, mask_n = ids[:, n:], mask[:, n:]
+        eager = generate(fast, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[])
+        compiled = generate(fast, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[], compile=True)
+        assert torch.equal(compiled, eager)

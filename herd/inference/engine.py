@@ -23,6 +23,7 @@ import torch
 from ..model.attention import TokenLayout
 from ..model.llama4 import Llama4, token_layout
 from .cache import StaticKVCache
+from .compiled import check_compilable, compiled_step
 from .sampling import check_sampling, sample
 
 DEFAULT_PREFILL_CHUNK = 1024
@@ -119,23 +120,27 @@ def generate_stream(model: Llama4, input_ids: torch.Tensor, max_new_tokens: int,
                     top_p: float = 0.9, top_k: int | None = None,
                     stop_token_ids: Sequence[int] | int | None = None, pixel_values: torch.Tensor | None = None,
                     attention_mask: torch.Tensor | None = None, seed: int | None = None,
-                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Iterator[torch.Tensor]:
+                    prefill_chunk: int = DEFAULT_PREFILL_CHUNK, compile: bool = False) -> Iterator[torch.Tensor]:
     """Yields the next token of every row, [B], once per step, for up to `max_new_tokens` steps.
 
     temperature 0 is greedy; otherwise tokens are sampled after top-k and top-p filtering (defaults:
     Llama 4 instruct's 0.6 and 0.9). A row that produced a stop token (default: the config's eos) yields
     the pad id from then on; the stream ends when every row has stopped. `seed` makes sampling
-    reproducible. Inputs are checked here, before the first token is asked for.
+    reproducible. `compile=True` runs the decode steps as one compiled graph (herd.inference.compiled:
+    a prepared, full-precision model, batch x top-k <= 4; the first call compiles). Inputs are checked here, before the
+    first token is asked for.
     """
     check_sampling(temperature, top_p, top_k)
     _check_inputs(model, input_ids, max_new_tokens, attention_mask, pixel_values, prefill_chunk)
+    if compile:
+        check_compilable(model, input_ids.shape[0])
     return _stream(model, input_ids, max_new_tokens, temperature, top_p, top_k, _stop_ids(model, stop_token_ids),
-                   pixel_values, attention_mask, seed, prefill_chunk)
+                   pixel_values, attention_mask, seed, prefill_chunk, compile)
 
 
 @torch.inference_mode()
 def _stream(model, input_ids, max_new_tokens, temperature, top_p, top_k, stops, pixel_values, attention_mask,
-            seed, prefill_chunk) -> Iterator[torch.Tensor]:
+            seed, prefill_chunk, compile) -> Iterator[torch.Tensor]:
     if max_new_tokens == 0:
         return
     device = model.device
@@ -147,8 +152,11 @@ def _stream(model, input_ids, max_new_tokens, temperature, top_p, top_k, stops, 
     stops_t = torch.tensor(stops, dtype=torch.long, device=device)
 
     decoder = Decoder(model)
-    # The last sampled token is never fed back, hence the - 1.
-    cache = StaticKVCache(model.config.text, B, T + max_new_tokens - 1, dtype=model.dtype, device=device)
+    # The last sampled token is never fed back, hence the - 1. A compiled step is compiled per cache
+    # size: round it up so that prompts of similar lengths share one graph.
+    size = T + max_new_tokens - 1
+    cache = StaticKVCache(model.config.text, B, -(-size // 256) * 256 if compile else size, dtype=model.dtype,
+                          device=device)
     logits, pos = prefill(decoder, input_ids, cache, attention_mask, pixel_values, prefill_chunk)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
@@ -162,7 +170,10 @@ def _stream(model, input_ids, max_new_tokens, temperature, top_p, top_k, stops, 
         if step == max_new_tokens - 1:
             return
         pos = pos + 1
-        logits = decoder(model.embed_tokens(tokens[:, None]), TokenLayout(pos), cache)
+        if compile:
+            logits = compiled_step(model, cache, tokens, pos)
+        else:
+            logits = decoder(model.embed_tokens(tokens[:, None]), TokenLayout(pos), cache)
 
 
 def generate(model: Llama4, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:

@@ -184,7 +184,7 @@ class DecodeMoE(nn.Module):
 
     def _gathered(self, x: torch.Tensor, top_experts: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
         """Sum over each token's k experts with the chosen weights gathered by index: no host read
-        (accelerators, compiled graphs). x [N, D], top_experts and gates [N, k] -> [N, D]."""
+        (accelerators, where it would stall the queue). x [N, D], top_experts and gates [N, k] -> [N, D]."""
         gate_up = self.experts.gate_up_proj[top_experts]  # [N, k, D, 2I]
         down = self.experts.down_proj[top_experts]  # [N, k, I, D]
         xg = (x[:, None, :] * gates[..., None])[..., None, :]  # [N, k, 1, D]
@@ -206,7 +206,7 @@ class DecodeMoE(nn.Module):
         N, k = top_experts.shape
         stats = RouterStats(logits=logits, counts=counts)
         few = N * k <= FEW_TOKENS
-        if few and not isinstance(self.experts, QuantExperts) and (x.device.type != "cpu" or torch.compiler.is_compiling()):
+        if few and not isinstance(self.experts, QuantExperts) and x.device.type != "cpu":
             return (out + self._gathered(x, top_experts, gates)).view(shape), stats
         if few:
             # On CPU a host read of the chosen ids costs nothing and beats copying their weights;

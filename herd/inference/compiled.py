@@ -1,0 +1,93 @@
+"""A compiled decoding step: `compiled_step(model, cache, tokens, positions)` runs one token per row
+through a prepared model (herd.inference.fast) as one `torch.compile`d graph with static shapes;
+`generate(..., compile=True)` uses it.
+
+Eager decoding on CPU spends about 40% of a step launching small ops (norms, RoPE, masks, MoE
+bookkeeping); inductor fuses them into a few C++ loops. To give it one graph that never recompiles,
+the step differs from the eager one in two ways, neither of which changes what a query sees:
+- the write position is a tensor (`index_copy_` into the cache), not a Python int, so the step is
+  the same graph at every position;
+- global layers attend to their whole preallocated buffer, unwritten slots being hidden by the
+  cache's EMPTY document (eager decoding slices the written part instead).
+The MoE reads the chosen expert ids as graph-internal scalars (`capture_scalar_outputs`), so
+experts are still read in place. Prefill stays eager (its pieces vary in length).
+
+Compiling takes 10-30 s on CPU (inductor needs a C++ compiler there) and happens again for each new
+batch size or cache size (the engine rounds cache sizes up to a multiple of 256 to make that rare),
+so it is opt-in. It covers the few-token MoE path only: batch x top-k up to 4.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+
+import torch
+
+from ..model.attention import TokenLayout, attention_mask
+from .cache import StaticKVCache
+from .fast import FEW_TOKENS
+
+
+class _StepView:
+    """The KVCache protocol for one compiled step: writes this token's keys and values at a tensor
+    index and returns every slot of the layer, with the layouts the step built."""
+
+    def __init__(self, cache: StaticKVCache, index: torch.Tensor, ring_index: torch.Tensor,
+                 ring: TokenLayout, full: TokenLayout):
+        self.cache, self.index, self.ring_index, self.ring, self.full = cache, index, ring_index, ring, full
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, layout: TokenLayout):
+        s, is_ring = self.cache.slots[layer], self.cache.is_ring[layer]
+        at = self.ring_index if is_ring else self.index
+        s.k.index_copy_(1, at, k)
+        s.v.index_copy_(1, at, v)
+        return s.k, s.v, self.ring if is_ring else self.full
+
+
+def _step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
+          index: torch.Tensor) -> torch.Tensor:
+    chunk = model.config.text.attention_chunk_size
+    ring_index = index % cache.ring_size
+    # Record the new token (document 0, like every real prompt token) in both position tables.
+    cache.full_pos.index_copy_(1, index, positions)
+    cache.full_doc.index_fill_(1, index, 0)
+    cache.ring_pos.index_copy_(1, ring_index, positions)
+    cache.ring_doc.index_fill_(1, ring_index, 0)
+    layout = TokenLayout(positions)
+    ring, full = TokenLayout(cache.ring_pos, cache.ring_doc), TokenLayout(cache.full_pos, cache.full_doc)
+    # The masks every layer of a kind reuses, put in the memo the attention layers consult.
+    layout.masks[("dense", chunk)] = (weakref.ref(ring), attention_mask(layout, ring, chunk))
+    layout.masks[("dense", None)] = (weakref.ref(full), attention_mask(layout, full, None))
+    view = _StepView(cache, index, ring_index, ring, full)
+    out = model(input_ids=tokens[:, None], layout=layout, cache=view, logits_to_keep=1)
+    return out.logits[:, -1].float()
+
+
+@functools.cache
+def _compiled():
+    return torch.compile(_step, dynamic=False, fullgraph=True)
+
+
+def check_compilable(model, batch: int) -> None:
+    """ValueError unless `model` can take the compiled step for `batch` rows."""
+    if not getattr(model, "decode_ready", False):
+        raise ValueError("compile=True needs a model prepared with herd.inference.prepare_for_decoding")
+    if getattr(model, "quantization", None) is not None:
+        raise ValueError("compile=True supports full-precision models only (quantized experts are one module "
+                         "per expert, which a compiled graph cannot pick by a traced index)")
+    pairs = batch * model.config.text.num_experts_per_tok
+    if pairs > FEW_TOKENS:
+        raise ValueError(f"compile=True takes up to {FEW_TOKENS} (row, expert) pairs per step, got batch {batch} x "
+                         f"top-k {pairs // batch}: larger batches route through a data-dependent split")
+
+
+def compiled_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """tokens [B], positions [B, 1] -> logits [B, V] (fp32), writing the next slot of `cache`. The
+    graph is compiled on the first call for each (model, batch, cache size) and reused after."""
+    if cache.length >= cache.max_tokens:
+        raise ValueError(f"the cache holds {cache.max_tokens} tokens per row and is full")
+    index = torch.tensor([cache.length], device=tokens.device)
+    cache.length += 1
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        return _compiled()(model, cache, tokens, positions, index)
