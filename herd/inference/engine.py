@@ -9,9 +9,11 @@ attention mask is [piece, cached + piece], never [prompt, prompt], and only the 
 last piece is projected to the vocabulary. Images are encoded once, for the whole prompt, and their
 features are fed to the pieces with the text embeddings.
 
-The step is kept lean for CPU decoding, where Python overhead rivals the weight reads: the cache
-writes in place, the RoPE frequencies are computed once, and the engine's only host synchronisation
-per step is the check whether every row has stopped (the MoE's expert split adds one inside the model).
+Each step is one `Llama4.forward` call on the new tokens' embeddings; the speed comes from outside:
+`prepare_for_decoding` (herd.inference.fast) swaps in decode modules, and `compile=True`
+(herd.inference.compiled) runs the step as one compiled graph. The cache writes in place, and the
+engine's only host synchronisation per step is the check whether every row has stopped (the MoE
+reads its chosen experts' ids once per layer, which costs nothing on CPU).
 """
 
 from __future__ import annotations
