@@ -152,12 +152,13 @@ def _transformers_tiling_functions() -> dict:
     import functools
     import importlib.util
     import math
+    import os
     import types
 
     spec = importlib.util.find_spec("transformers")
     if spec is None:
         pytest.skip("transformers not installed")
-    path = spec.submodule_search_locations[0] + "/models/llama4/image_processing_llama4.py"
+    path = os.path.join(str(spec.submodule_search_locations[0]), "models", "llama4", "image_processing_llama4.py")
     tree = ast.parse(open(path).read())
     wanted = {"get_factors", "get_max_res_without_distortion", "find_supported_resolutions", "get_best_fit"}
     module = ast.Module([n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in wanted], [])
