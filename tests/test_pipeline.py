@@ -47,3 +47,25 @@ def test_a_rerun_resumes_every_stage(run_dir, capsys):
     out = capsys.readouterr().out
     for stage in ("contrastive", "text", "align", "joint"):
         assert f"[{stage}] resumed from" in out
+
+
+def _check_learned(out):
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_code"]["loss"] < summary["unigram_loss"] - 1.0  # far below the unigram baseline
+    assert (out / "report.md").exists() and (out / "model" / "model.safetensors").exists()
+    return summary
+
+
+def test_quick_run_learns(tmp_path):
+    """The README's main job at `--quick` scale: the same pipeline, under two minutes on 2 cores."""
+    assert main(["train", "--quick", f"--out={tmp_path}"]) == 0
+    _check_learned(tmp_path)
+
+
+@pytest.mark.slow
+def test_default_run_learns_code_and_captions(tmp_path):
+    """The README's main job itself (about 13 minutes on 2 quiet cores)."""
+    assert main(["train", f"--out={tmp_path}"]) == 0
+    summary = _check_learned(tmp_path)
+    accuracy = summary["caption_accuracy"]
+    assert accuracy["shape_precision"] > accuracy["shape_chance"]
