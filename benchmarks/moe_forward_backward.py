@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from herd.config import ModelConfig, TextConfig
 from herd.model import Llama4
+from herd.train.metrics import measure_matmul_peak
 
 BATCH, SEQ = 8, 512
 
@@ -33,16 +34,9 @@ def benchmark_config() -> ModelConfig:
     return ModelConfig(text=text, vision=None)
 
 
-def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 matmul rate of this machine, FLOP/s."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+def matmul_peak_flops() -> float:
+    """Best fp32 matmul rate of this machine, FLOP/s (the trainer's own measurement)."""
+    return measure_matmul_peak(size=2048, repeats=10)
 
 
 def useful_train_flops_per_token(cfg: TextConfig, seq: int) -> float:
