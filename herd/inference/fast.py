@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.attention import Attention, TokenLayout, _memo, attention_mask, chunked_causal_sdpa, temperature_scale
+from ..model.attention import Attention, TokenLayout, attend, dense_mask, temperature_scale
 from ..model.moe import MoE, RouterStats, SwiGLU, grouped_swiglu
 from ..model.norm import RMSNorm, rms_normalize
 from ..quant import QuantExperts
@@ -102,7 +102,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 class FastAttention(nn.Module):
     """`Attention` with one fused qkv projection and RoPE applied to q and k in one pass. The
-    attention itself (masks, cache, chunked SDPA) is the model's, called the same way."""
+    attention itself is the model's `attend`, but for a single decoding query."""
 
     def __init__(self, attn: Attention):
         super().__init__()
@@ -127,24 +127,11 @@ class FastAttention(nn.Module):
         if self.temperature is not None:
             q = (q * temperature_scale(layout.positions, *self.temperature)[..., None, None]).type_as(q)
 
-        if cache is None and layout.plain:
-            if self.chunk_size is None or T <= self.chunk_size:
-                out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-                ).transpose(1, 2)
-            else:
-                out = chunked_causal_sdpa(q, k, v, self.chunk_size)
+        if T == 1 and cache is not None:  # one query: two batched matmuls beat SDPA's overhead
+            k, v, k_layout = cache.update(self.layer, k, v, layout)
+            out = decode_attention(q, k, v, dense_mask(layout, k_layout, self.chunk_size))
         else:
-            k_layout = layout
-            if cache is not None:
-                k, v, k_layout = cache.update(self.layer, k, v, layout)
-            mask = _memo(layout, k_layout, ("dense", self.chunk_size),
-                         lambda: attention_mask(layout, k_layout, self.chunk_size))
-            if T == 1:
-                out = decode_attention(q, k, v, mask)
-            else:
-                out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                     attn_mask=mask, enable_gqa=True).transpose(1, 2)
+            out = attend(q, k, v, layout, cache, self.layer, self.chunk_size)
         return self.o_proj(out.reshape(B, T, -1))
 
 

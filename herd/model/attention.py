@@ -145,6 +145,34 @@ def chunked_causal_sdpa(q, k, v, chunk: int) -> torch.Tensor:
     return out.transpose(1, 2).reshape(B, n * chunk, H, Dh)[:, :T]
 
 
+def attend(q, k, v, layout: TokenLayout, cache: KVCache | None, layer: int, chunk_size: int | None,
+           flex: bool = False) -> torch.Tensor:
+    """Attention of q [B, T, H, Dh] over k, v [B, T, K, Dh] (plus what `cache` holds) under the
+    visibility rule: the mask-free fast path when the layout allows it, else a mask. -> [B, T, H, Dh]"""
+    T = q.shape[1]
+    if cache is None and layout.plain:
+        if chunk_size is None or T <= chunk_size:
+            return F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
+            ).transpose(1, 2)
+        return chunked_causal_sdpa(q, k, v, chunk_size)
+    k_layout = layout
+    if cache is not None:
+        k, v, k_layout = cache.update(layer, k, v, layout)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, Dh]
+    if flex:
+        out = flex_attend(q, k, v, layout, k_layout, chunk_size)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(layout, k_layout, chunk_size),
+                                             enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def dense_mask(q: TokenLayout, k: TokenLayout, chunk_size: int | None) -> torch.Tensor:
+    """`attention_mask`, built once per call for every layer of a kind."""
+    return _memo(q, k, ("dense", chunk_size), lambda: attention_mask(q, k, chunk_size))
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: TextConfig, layer: int):
         super().__init__()
@@ -174,23 +202,5 @@ class Attention(nn.Module):
         elif self.temperature is not None:
             q = (q * temperature_scale(layout.positions, *self.temperature)[..., None, None]).type_as(q)
 
-        if cache is None and layout.plain:
-            if self.chunk_size is None or T <= self.chunk_size:
-                out = F.scaled_dot_product_attention(
-                    q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True
-                ).transpose(1, 2)
-            else:
-                out = chunked_causal_sdpa(q, k, v, self.chunk_size)
-        else:
-            k_layout = layout
-            if cache is not None:
-                k, v, k_layout = cache.update(self.layer, k, v, layout)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, Dh]
-            if self.flex:
-                out = flex_attend(q, k, v, layout, k_layout, self.chunk_size)
-            else:
-                mask = _memo(layout, k_layout, ("dense", self.chunk_size),
-                             lambda: attention_mask(layout, k_layout, self.chunk_size))
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-            out = out.transpose(1, 2)
+        out = attend(q, k, v, layout, cache, self.layer, self.chunk_size, flex=self.flex)
         return self.o_proj(out.reshape(B, T, -1))
