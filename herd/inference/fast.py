@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import Attention, TokenLayout, attend, dense_mask, temperature_scale
-from ..model.moe import MoE, RouterStats, SwiGLU, grouped_swiglu
+from ..model.moe import MoE, RouterStats, SwiGLU, grouped_swiglu, route
 from ..model.norm import RMSNorm, rms_normalize
 from ..quant import QuantExperts
 from ..quant.fp8 import Fp8Weight
@@ -182,12 +182,7 @@ class DecodeMoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         logits = self.router(x)  # [N, E]
-        if self.selection_bias is None:
-            top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
-        else:
-            top_experts = torch.topk(logits + self.selection_bias, self.top_k, dim=-1).indices
-            top_logits = logits.gather(1, top_experts)
-        gates = torch.sigmoid(top_logits.float()).to(x.dtype)  # [N, k]
+        top_experts, gates = route(logits, self.top_k, self.selection_bias)  # [N, k] each
         counts = torch.bincount(top_experts.flatten(), minlength=self.num_experts)
         out = self.shared_expert(x)
         N, k = top_experts.shape

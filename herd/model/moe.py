@@ -78,6 +78,18 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
     return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 
+def route(logits: torch.Tensor, top_k: int, selection_bias: torch.Tensor | None = None):
+    """Top-k experts [N, k] of router logits [N, E] and their gates sigmoid(logit) [N, k] (not
+    softmax, not renormalised). A selection bias only picks the experts; the gates stay those of
+    the raw logits."""
+    if selection_bias is None:
+        top_logits, top_experts = torch.topk(logits, top_k, dim=-1)
+    else:
+        top_experts = torch.topk(logits.detach() + selection_bias, top_k, dim=-1).indices
+        top_logits = logits.gather(1, top_experts)
+    return top_experts, torch.sigmoid(top_logits.float()).to(logits.dtype)
+
+
 class MoE(nn.Module):
     """out = shared(x) + sum over the top-k experts e of expert_e(sigmoid(logit_e) * x).
 
@@ -102,12 +114,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [N, D]
         logits = self.router(x)  # [N, E]
-        if self.selection_bias is None:
-            top_logits, top_experts = torch.topk(logits, self.top_k, dim=-1)  # [N, k]
-        else:  # the bias picks the experts; the gate values stay those of the raw logits
-            top_experts = torch.topk(logits.detach() + self.selection_bias, self.top_k, dim=-1).indices
-            top_logits = logits.gather(1, top_experts)
-        gates = torch.sigmoid(top_logits.float()).to(x.dtype)  # not softmax, not renormalised
+        top_experts, gates = route(logits, self.top_k, self.selection_bias)
 
         if x.shape[0] == 1:  # one token (decoding): its k experts need no sorting or scattering
             chosen, order = top_experts[0].sort()
