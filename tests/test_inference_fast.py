@@ -26,7 +26,7 @@ def test_modules_are_swapped_and_prepare_is_idempotent():
     assert isinstance(fast.layers[0].self_attn, FastAttention)
     assert isinstance(fast.layers[0].feed_forward, FusedSwiGLU)  # moe_step=2: layer 0 dense
     assert isinstance(fast.layers[1].feed_forward, DecodeMoE)
-    assert fast.layers[0].self_attn.qkv_proj.weight.shape == (64, (4 + 2 * 2) * 16)  # [in, out]
+    assert fast.layers[0].self_attn.qkv_proj.weight.shape == ((4 + 2 * 2) * 16 // 16, 64, 16)  # [out / 16, in, 16]
     assert prepare_for_decoding(fast) is fast
     with pytest.raises(ValueError, match="quantize first"):
         quantize_(fast, "int8")

@@ -40,14 +40,14 @@ class QuantExperts(nn.Module):
         self.gate_up_proj = nn.ModuleList(gate_up)  # expert e: [2I, D]
         self.down_proj = nn.ModuleList(down)  # expert e: [D, I]
 
+    def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert e's SwiGLU on x [..., D]."""
+        gate, up = self.gate_up_proj[e](x).chunk(2, dim=-1)
+        return self.down_proj[e](F.silu(gate) * up)
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, D] sorted by expert, counts [E] -> [N, D]."""
-        outs = []
-        for e, x_e in enumerate(torch.split(x, counts.tolist())):
-            if x_e.shape[0] == 0:
-                continue
-            gate, up = self.gate_up_proj[e](x_e).chunk(2, dim=-1)
-            outs.append(self.down_proj[e](F.silu(gate) * up))
+        outs = [self.one(e, x_e) for e, x_e in enumerate(torch.split(x, counts.tolist())) if x_e.shape[0]]
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 
