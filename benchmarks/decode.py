@@ -156,6 +156,10 @@ def main():
         rows.append((f"herd {method}, batch 1", tps,
                      f"{tps / fp32:.2f}x fp32; {q_bytes / 2**20:.1f} MiB read/token, "
                      f"{tps / (bw / q_bytes):.0%} of its roofline"))
+        if not args.skip_compile:
+            tps = herd_decode(q, prompt, args.new, args.repeats, compile=True)
+            rows.append((f"herd {method}, batch 1, compiled step", tps,
+                         f"{tps / compiled:.2f}x fp32 compiled; {tps / (bw / q_bytes):.0%} of its roofline"))
 
     print(f"read bandwidth {bw / 1e9:.1f} GB/s; fp32 active weights {active / 2**20:.1f} MiB/token "
           f"-> roofline {bw / active:.0f} tokens/s")

@@ -46,7 +46,7 @@ def test_selection_bias_changes_the_choice_not_the_gate():
 def test_bias_update_follows_the_sign_rule_and_survives_a_checkpoint():
     model = small_model()
     balancer = LoadBalancer(model, "bias", rate=0.1)
-    balancer.observe([RouterStats(logits=torch.zeros(12, 4), counts=torch.tensor([9, 0, 1, 2]))])
+    balancer.observe([RouterStats(logits=torch.zeros(12, 4), top_experts=torch.tensor([[0]] * 9 + [[2], [3], [3]]))])
     load = balancer.step()
     torch.testing.assert_close(load[0], torch.tensor([0.75, 0.0, 1 / 12, 2 / 12]))
     bias = balancer.layers[0].selection_bias
@@ -60,7 +60,7 @@ def test_bias_update_follows_the_sign_rule_and_survives_a_checkpoint():
 def test_aux_loss_pushes_router_away_from_the_busy_expert():
     logits = torch.zeros(8, 4, requires_grad=True)
     balancer = LoadBalancer(small_model(), "aux", aux_weight=1.0)
-    loss = balancer.aux_loss([RouterStats(logits=logits, counts=torch.tensor([8, 0, 0, 0]))])
+    loss = balancer.aux_loss([RouterStats(logits=logits, top_experts=torch.zeros(8, 1, dtype=torch.long))])
     loss.backward()
     assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1:] < 0).all()  # descent lowers expert 0
 

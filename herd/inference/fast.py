@@ -238,10 +238,9 @@ class DecodeMoE(nn.Module):
         x = x.reshape(-1, shape[-1])  # [N, D]
         logits = self.router(x)  # [N, E]
         top_experts, gates = route(logits, self.top_k, self.selection_bias)  # [N, k] each
-        counts = torch.bincount(top_experts.flatten(), minlength=self.num_experts)
         out = self.shared_expert(x)
         N, k = top_experts.shape
-        stats = RouterStats(logits=logits, counts=counts)
+        stats = RouterStats(logits=logits, top_experts=top_experts)
         few = N * k <= FEW_TOKENS
         if few and not isinstance(self.experts, QuantExperts) and x.device.type != "cpu":
             return (out + self._gathered(x, top_experts, gates)).view(shape), stats
@@ -254,7 +253,7 @@ class DecodeMoE(nn.Module):
             return out.view(shape), stats
         order = torch.argsort(top_experts.flatten(), stable=True)
         token_of_pair = order // k
-        routed_out = self.experts(x[token_of_pair] * gates.flatten()[order, None], counts)
+        routed_out = self.experts(x[token_of_pair] * gates.flatten()[order, None], stats.counts)
         return out.index_add(0, token_of_pair, routed_out).view(shape), stats
 
 
@@ -276,5 +275,8 @@ def prepare_for_decoding(model: nn.Module) -> nn.Module:
         layer.feed_forward = DecodeMoE(ff) if isinstance(ff, MoE) else FusedSwiGLU(ff)
     model.norm = FastRMSNorm(model.norm)
     model.lm_head = fuse([model.lm_head])
+    for module in model.modules():  # quantized kernels' packed forms, made now rather than mid-decode
+        if hasattr(module, "prepare_kernel"):
+            module.prepare_kernel()
     model.decode_ready = True
     return model

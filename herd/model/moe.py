@@ -12,6 +12,7 @@ already [in, out] for `x @ W`, so checkpoints map one to one.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,12 @@ class RouterStats:
     """What one MoE layer saw in a forward call, for load balancing and analytics."""
 
     logits: torch.Tensor  # [N_tokens, E] router logits (before any selection bias)
-    counts: torch.Tensor  # [E] tokens routed to each expert (int64)
+    top_experts: torch.Tensor  # [N_tokens, k] the experts each token was sent to
+
+    @functools.cached_property
+    def counts(self) -> torch.Tensor:
+        """[E] tokens routed to each expert (int64); counted when asked (decoding never asks)."""
+        return torch.bincount(self.top_experts.flatten(), minlength=self.logits.shape[-1])
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:
@@ -121,7 +127,7 @@ class MoE(nn.Module):
             counts = torch.bincount(chosen, minlength=self.num_experts)
             routed_out = self.experts(x * gates[0, order, None], counts)  # [k, D]
             out = self.shared_expert(x) + routed_out.sum(0, keepdim=True)
-            return out.view(shape), RouterStats(logits=logits, counts=counts)
+            return out.view(shape), RouterStats(logits=logits, top_experts=top_experts)
 
         # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.
         flat_experts = top_experts.flatten()  # [N*k]
@@ -132,7 +138,7 @@ class MoE(nn.Module):
         routed_out = self.experts(routed_in, counts)
 
         out = self.shared_expert(x).index_add(0, token_of_pair, routed_out)
-        return out.view(shape), RouterStats(logits=logits, counts=counts)
+        return out.view(shape), RouterStats(logits=logits, top_experts=top_experts)
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:

@@ -33,17 +33,19 @@ DEFAULT_GROUP_SIZE = 32
 
 
 class QuantExperts(nn.Module):
-    """`Experts` with one quantized [out, in] matrix per expert; same call as `Experts.forward`."""
+    """`Experts` as two stacked quantized weights, [E, 2I, D] and [E, D, I] ([out, in] per expert);
+    same call as `Experts.forward`. Stacked, an expert is picked by index, so a compiled decoding
+    step can pick it by a traced expert id."""
 
-    def __init__(self, gate_up: list[nn.Module], down: list[nn.Module]):
+    def __init__(self, gate_up: nn.Module, down: nn.Module):
         super().__init__()
-        self.gate_up_proj = nn.ModuleList(gate_up)  # expert e: [2I, D]
-        self.down_proj = nn.ModuleList(down)  # expert e: [D, I]
+        self.gate_up_proj = gate_up  # [E, 2I, D]
+        self.down_proj = down  # [E, D, I]
 
     def one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert e's SwiGLU on x [..., D]."""
-        gate, up = self.gate_up_proj[e](x).chunk(2, dim=-1)
-        return self.down_proj[e](F.silu(gate) * up)
+        gate, up = self.gate_up_proj(x, e).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, e)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, D] sorted by expert, counts [E] -> [N, D]."""
@@ -80,9 +82,9 @@ def quantize_(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZ
             if isinstance(child, nn.Linear) and name != "router":
                 setattr(parent, name, make(child.weight))  # herd's decoder linears have no bias
             elif isinstance(child, Experts):
-                E = child.gate_up_proj.shape[0]  # HF layout is [in, out]: transpose to [out, in]
-                setattr(parent, name, QuantExperts([make(child.gate_up_proj[e].t()) for e in range(E)],
-                                                   [make(child.down_proj[e].t()) for e in range(E)]))
+                # HF layout is [E, in, out]: transpose to [E, out, in]
+                setattr(parent, name, QuantExperts(make(child.gate_up_proj.transpose(1, 2)),
+                                                   make(child.down_proj.transpose(1, 2))))
     model.lm_head = make(model.lm_head.weight)
     model.quantization = {"method": method, "group_size": group_size}
     return model

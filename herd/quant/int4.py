@@ -21,40 +21,42 @@ KERNEL_GROUPS = (32, 64, 128, 256)
 
 
 def _pack_nibbles(q: torch.Tensor) -> torch.Tensor:
-    return (q[:, 0::2] | (q[:, 1::2] << 4)).to(torch.uint8)
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).to(torch.uint8)
 
 
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(1)  # [N, K] uint8 in 0..15
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)  # [..., N, K] uint8 in 0..15
 
 
 class Int4Weight(nn.Module):
-    """Stands in for an nn.Linear without bias; see the module docstring for the format."""
+    """Stands in for an nn.Linear without bias; see the module docstring for the format. A stack of
+    experts' weights has a leading expert dimension ([E, N, K/2] etc.); `forward(x, e)` then applies
+    expert e's."""
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
         super().__init__()
-        self.register_buffer("qweight", qweight)  # [N, K/2] uint8, two nibbles per byte
-        self.register_buffer("scale", scale)  # [N, K/group] fp32
-        self.register_buffer("zero", zero)  # [N, K/group] fp32
-        self._kernel: tuple[torch.Tensor, torch.Tensor, int] | None = None  # tiled weight, scales+zeros, group
+        self.register_buffer("qweight", qweight)  # [(E,) N, K/2] uint8, two nibbles per byte
+        self.register_buffer("scale", scale)  # [(E,) N, K/group] fp32
+        self.register_buffer("zero", zero)  # [(E,) N, K/group] fp32
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None  # tiled weight, scales+zeros (prepare_kernel)
 
     @property
     def group_size(self) -> int:
-        return 2 * self.qweight.shape[1] // self.scale.shape[1]
+        return 2 * self.qweight.shape[-1] // self.scale.shape[-1]
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, group_size: int = 32) -> "Int4Weight":
-        """weight [N, K] (out, in). Groups of `group_size` columns, or the whole row where
+        """weight [(E,) N, K] (out, in). Groups of `group_size` columns, or the whole row where
         group_size does not divide K."""
-        N, K = weight.shape
+        *lead, N, K = weight.shape
         if K % 2:
-            raise ValueError(f"int4 needs an even number of input features, got a weight of shape {[N, K]}")
+            raise ValueError(f"int4 needs an even number of input features, got a weight of shape {[*lead, N, K]}")
         group = group_size if K % group_size == 0 else K
-        w = weight.detach().float().contiguous().reshape(N, K // group, group)
-        lo, hi = w.amin(-1), w.amax(-1)  # [N, G]
+        w = weight.detach().float().contiguous().unflatten(-1, (K // group, group))
+        lo, hi = w.amin(-1), w.amax(-1)  # [(E,) N, G]
         scale = ((hi - lo) / 15.0).clamp(min=1e-12)
         zero = lo + 8 * scale  # so that q = 0 maps to the group minimum
-        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).reshape(N, K)
+        q = torch.round((w - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8).flatten(-2)
         return cls(_pack_nibbles(q), scale, zero)
 
     @classmethod
@@ -63,27 +65,38 @@ class Int4Weight(nn.Module):
         must share a group size."""
         if len({p.group_size for p in parts}) != 1:
             raise ValueError("Int4Weight.cat: the parts have different group sizes")
-        return cls(*(torch.cat([getattr(p, n) for p in parts]) for n in ("qweight", "scale", "zero")))
+        return cls(*(torch.cat([getattr(p, n) for p in parts], -2) for n in ("qweight", "scale", "zero")))
 
     def dequantize(self) -> torch.Tensor:
-        q = _unpack_nibbles(self.qweight).float()  # [N, K]
-        scale = self.scale.repeat_interleave(self.group_size, dim=1)
-        zero = self.zero.repeat_interleave(self.group_size, dim=1)
+        q = _unpack_nibbles(self.qweight).float()  # [(E,) N, K]
+        scale = self.scale.repeat_interleave(self.group_size, dim=-1)
+        zero = self.zero.repeat_interleave(self.group_size, dim=-1)
         return (q - 8) * scale + zero
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is None and x.device.type == "cpu" and self.group_size in KERNEL_GROUPS \
-                and self.qweight.shape[0] % 16 == 0:
-            tiled = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-                _unpack_nibbles(self.qweight).to(torch.int32), 1)
-            scales_zeros = torch.stack([self.scale.t(), self.zero.t()], dim=-1).to(torch.bfloat16)  # [G, N, 2]
-            self._kernel = (tiled, scales_zeros.contiguous(), self.group_size)
-        if self._kernel is None or x.device.type != "cpu":
-            return F.linear(x, self.dequantize().to(x.dtype))
+    def prepare_kernel(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The CPU kernel's tiled weight and bf16 scales+zeros [(E,) G, N, 2], made once and kept;
+        None where the kernel does not take this shape."""
+        if self.group_size not in KERNEL_GROUPS or self.qweight.shape[-2] % 16 or self.qweight.device.type != "cpu":
+            return None
+        if self._kernel is None:
+            q = _unpack_nibbles(self.qweight).to(torch.int32)
+            tile = lambda w: torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)  # noqa: E731
+            tiled = tile(q) if q.ndim == 2 else torch.stack([tile(w) for w in q])
+            scales_zeros = torch.stack([self.scale.transpose(-1, -2), self.zero.transpose(-1, -2)], dim=-1)
+            self._kernel = (tiled, scales_zeros.to(torch.bfloat16).contiguous())
+        return self._kernel
+
+    def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
+        kernel = self.prepare_kernel() if x.device.type == "cpu" else None
+        if kernel is None:
+            w = self.dequantize()
+            return F.linear(x, (w if expert is None else w[expert]).to(x.dtype))
         # Decoding calls this dozens of times a token: nothing here but the kernel and two casts.
-        tiled, scales_zeros, group = self._kernel
+        tiled, scales_zeros = kernel
+        if expert is not None:
+            tiled, scales_zeros = tiled[expert], scales_zeros[expert]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), tiled,
-                                                       group, scales_zeros)
+                                                       self.group_size, scales_zeros)
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
     def _load_from_state_dict(self, *args, **kwargs):
