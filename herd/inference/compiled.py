@@ -20,6 +20,7 @@ so it is opt-in. It covers the few-token MoE path only: batch x top-k up to 4.
 from __future__ import annotations
 
 import functools
+import types
 import weakref
 
 import torch
@@ -65,14 +66,17 @@ def _step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Te
 
 
 def _compiled(model):
-    """The model's own compiled step, made on first use and kept on the model. Per model, so that
-    its guards need not check the model's modules on every call: a prepared model does not change,
-    and the checks cost ~10% of a step (the step's tensors are still guarded, so a new batch or
-    cache size compiles again)."""
+    """The model's own compiled step, made on first use and kept on the model. Its guards skip the
+    model's modules, whose checks cost ~10% of a step: a prepared model does not change. Dynamo
+    keeps compiled graphs per code object, so each model gets its own copy of `_step`'s code; with
+    a shared one, a second model would pass the pruned guards and run the first model's graph.
+    (The step's tensors are still guarded: a new batch or cache size compiles again.)"""
     step = model.__dict__.get("_compiled_decode_step")
     if step is None:
-        step = torch.compile(functools.partial(_step, model), dynamic=False, fullgraph=True,
-                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        own_code = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
+        step = torch.compile(functools.partial(own_code, model), dynamic=False, fullgraph=True,
+                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                                      "cpp_wrapper": True})
         model.__dict__["_compiled_decode_step"] = step
     return step
 
