@@ -28,6 +28,7 @@ import torch
 from herd.config import ModelConfig, TextConfig
 from herd.inference import generate_stream, prepare_for_decoding
 from herd.model import Llama4
+from herd.train.metrics import measure_matmul_peak
 
 
 def bench_config() -> ModelConfig:
@@ -145,7 +146,15 @@ def main():
         del hf
 
     b16 = herd_decode(fast_model, batch, args.new, args.repeats)
-    rows.append((f"herd fp32, batch {args.batch} (aggregate)", b16, f"{b16 / fp32:.1f}x batch 1"))
+    # Batching is free only while a step is bound by reading weights. Here 16 rows reach most of the
+    # 8 experts, and their matmuls (2 FLOPs per active weight per row) have a floor set by the
+    # machine's matmul peak measured with the same threads.
+    peak = measure_matmul_peak(size=1024, repeats=10)
+    floor = args.batch / (2 * active / 4 / peak)  # tokens/s if every FLOP ran at peak
+    compiled_note = "" if args.skip_compile else f", {b16 / compiled:.1f}x compiled batch 1"
+    rows.append((f"herd fp32, batch {args.batch} (aggregate)", b16,
+                 f"{b16 / fp32:.1f}x batch 1{compiled_note}; matmuls at peak ({peak / 1e9:.0f} GFLOP/s) "
+                 f"would give {floor:.0f}"))
 
     from herd.quant import quantize_
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from herd.inference import generate, pad_prompts
-from herd.inference.fast import DecodeMoE, FastAttention, FusedSwiGLU, prepare_for_decoding
+from herd.inference.fast import (BlockedLinear, DecodeMoE, FastAttention, FusedSwiGLU, blocked_matmul,
+                                 prepare_for_decoding)
 from herd.quant import quantize_
 from tests.test_inference import cached_logits, random_rows, tiny_model
 
@@ -75,17 +76,36 @@ def test_gathered_experts_equal_the_dense_reference():
         torch.testing.assert_close(got, moe_reference(moe, x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("out_features", [48, 40])  # 40: padded to three blocks of 16
+def test_blocked_matmul_equals_linear(out_features):
+    """Every path of the blocked layout (one row compiled, a few rows, many rows) computes x @ W.T."""
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(out_features, 24, generator=g)
+    layer = BlockedLinear(weight)
+    assert layer.weight.shape == (3, 24, 16)
+    for rows in (1, 3, 40):
+        x = torch.randn(2, rows, 24, generator=g)
+        torch.testing.assert_close(layer(x), x @ weight.T, rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 24, generator=g)
+    compiled = torch.compile(blocked_matmul, fullgraph=True)  # the single-row streaming reduction
+    torch.testing.assert_close(compiled(x, layer.weight, out_features), x @ weight.T, rtol=1e-5, atol=1e-5)
+
+
 def test_compiled_step_gives_the_eager_tokens():
-    """The one compile test (about 20 s on CPU): a left-padded batch past a chunk boundary, and a
-    second prompt length that reuses the graph (cache sizes are rounded up)."""
+    """The compile test (about 40 s on CPU): a left-padded batch past a chunk boundary, a second
+    prompt length that reuses the graph (cache sizes are rounded up), and an int8 copy of the same
+    model, which must get its own graph (its guards skip the modules: a shared graph would run the
+    full-precision weights' code on it)."""
     model, fast = twins()
     with pytest.raises(ValueError, match="prepare_for_decoding"):
         generate(model, torch.tensor([[5, 6]]), 2, compile=True)
     with pytest.raises(ValueError, match="pairs per step"):
         generate(fast, torch.ones(3, 2, dtype=torch.long), 2, compile=True)  # 3 rows x top-2
+    int8 = prepare_for_decoding(quantize_(copy.deepcopy(model), "int8"))
     ids, mask = pad_prompts(random_rows([6, 3], seed=6), pad_id=0)
-    for n in (0, 1):
-        ids_n, mask_n = ids[:, n:], mask[:, n:]
-        eager = generate(fast, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[])
-        compiled = generate(fast, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[], compile=True)
-        assert torch.equal(compiled, eager)
+    for m, starts in ((fast, (0, 1)), (int8, (0,))):
+        for n in starts:
+            ids_n, mask_n = ids[:, n:], mask[:, n:]
+            eager = generate(m, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[])
+            compiled = generate(m, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[], compile=True)
+            assert torch.equal(compiled, eager)
