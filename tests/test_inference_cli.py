@@ -10,6 +10,7 @@ from herd.cli import main
 from herd.config import ModelConfig, TextConfig, VisionConfig
 from herd.data.corpora import stdlib_texts
 from herd.inference.chat_cmd import chat_loop
+from herd.inference.compiled import compiled_step
 from herd.inference.session import ChatSession, Sampling, TextStream, load_model_and_tokenizer
 from herd.model import Llama4
 from herd.tokenizer import train_tokenizer
@@ -44,6 +45,19 @@ def test_generate_command_streams_text(checkpoint, capsys):
     assert "temperature" in capsys.readouterr().err
     assert main(["generate", "--model", str(checkpoint), "--prompt", "x = ", "--max-new-tokens", "3",
                  "--quantize", "int4", "--chat", "--image", str(checkpoint / "cat.png")]) == 0
+
+
+def test_generate_command_compiled_gives_the_same_text(checkpoint, capsys, monkeypatch):
+    from herd.inference import engine
+
+    steps = []
+    monkeypatch.setattr(engine, "compiled_step", lambda *a: steps.append(1) or compiled_step(*a))
+    args = ["generate", "--model", str(checkpoint), "--prompt", "import os", "--max-new-tokens", "8",
+            "--temperature", "0"]
+    assert main(args) == 0
+    eager = capsys.readouterr().out
+    assert main(args + ["--compile"]) == 0
+    assert capsys.readouterr().out == eager and steps  # the decode steps did run compiled
 
 
 def test_text_stream_holds_back_partial_characters(checkpoint):

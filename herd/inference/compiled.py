@@ -13,7 +13,7 @@ The MoE reads the chosen expert ids as graph-internal scalars (`capture_scalar_o
 experts are still read in place. Prefill stays eager (its pieces vary in length).
 
 Compiling takes 10-30 s on CPU (inductor needs a C++ compiler there) and happens again for each new
-batch size or cache size (the engine rounds cache sizes up to a multiple of 256 to make that rare),
+batch size or cache size (the engine rounds cache sizes up to a power of two to make that rare),
 so it is opt-in. It covers the few-token MoE path only: batch x top-k up to 4.
 """
 

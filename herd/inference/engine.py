@@ -155,10 +155,12 @@ def _stream(model, input_ids, max_new_tokens, temperature, top_p, top_k, stops, 
 
     decoder = Decoder(model)
     # The last sampled token is never fed back, hence the - 1. A compiled step is compiled per cache
-    # size: round it up so that prompts of similar lengths share one graph.
+    # size: round it up to a power of two (at least 256), so that a conversation that keeps growing
+    # compiles a new graph only each time it doubles.
     size = T + max_new_tokens - 1
-    cache = StaticKVCache(model.config.text, B, -(-size // 256) * 256 if compile else size, dtype=model.dtype,
-                          device=device)
+    if compile:
+        size = max(256, 1 << (size - 1).bit_length())
+    cache = StaticKVCache(model.config.text, B, size, dtype=model.dtype, device=device)
     logits, pos = prefill(decoder, input_ids, cache, attention_mask, pixel_values, prefill_chunk)
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(max_new_tokens):

@@ -18,10 +18,13 @@ def add_sampling_flags(p: argparse.ArgumentParser):
     p.add_argument("--top-p", type=float, default=0.9)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true",
+                   help="decode with a compiled step: about 2x faster on CPU, but the first reply waits 10-30 s "
+                        "for the compiler (again each time the conversation doubles in length)")
 
 
 def sampling_from_args(args: argparse.Namespace) -> Sampling:
-    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
+    return Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed, args.compile)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,6 +28,7 @@ class Sampling:
     top_p: float = 0.9
     top_k: int | None = None
     seed: int | None = None
+    compile: bool = False  # decode steps as one compiled graph (herd.inference.compiled)
 
 
 def load_model_and_tokenizer(model_dir: str | Path, tokenizer_dir: str | Path | None = None,
@@ -74,7 +75,7 @@ def stream_reply(model: Llama4, tokenizer: Tokenizer, ids: list[int], pixel_valu
     stream = generate_stream(
         model, torch.tensor([ids]), min(sampling.max_new_tokens, room), temperature=sampling.temperature,
         top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed, pixel_values=pixel_values,
-        stop_token_ids=list(tokenizer.stop_ids))
+        stop_token_ids=list(tokenizer.stop_ids), compile=sampling.compile)
     text = TextStream(tokenizer, write)
     try:
         for tokens in stream:
