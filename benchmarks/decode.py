@@ -150,11 +150,11 @@ def main():
     # 8 experts, and their matmuls (2 FLOPs per active weight per row) have a floor set by the
     # machine's matmul peak measured with the same threads.
     peak = measure_matmul_peak(size=1024, repeats=10)
-    floor = args.batch / (2 * active / 4 / peak)  # tokens/s if every FLOP ran at peak
+    at_peak = peak / (2 * active / 4)  # aggregate tokens/s if every FLOP ran at peak (fp32 weights)
     compiled_note = "" if args.skip_compile else f", {b16 / compiled:.1f}x compiled batch 1"
     rows.append((f"herd fp32, batch {args.batch} (aggregate)", b16,
                  f"{b16 / fp32:.1f}x batch 1{compiled_note}; matmuls at peak ({peak / 1e9:.0f} GFLOP/s) "
-                 f"would give {floor:.0f}"))
+                 f"would give {at_peak:.0f}"))
 
     from herd.quant import quantize_
 

@@ -64,8 +64,8 @@ def attention_mask(q: TokenLayout, k: TokenLayout, chunk_size: int | None) -> to
         q_doc = q.documents if q.documents is not None else torch.zeros_like(q.positions)
         k_doc = k.documents if k.documents is not None else torch.zeros_like(k.positions)
         mask = mask & (k_doc[:, None, :] == q_doc[:, :, None])
-    if chunk_size is not None:
-        mask = mask & (k_pos // chunk_size == q_pos // chunk_size)
+    if chunk_size is not None:  # same chunk; with k <= q that is k >= the first position of q's chunk
+        mask = mask & (k_pos >= q_pos - q_pos % chunk_size)  # (one division per query, not per pair)
     return mask[:, None]
 
 
