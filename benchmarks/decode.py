@@ -67,29 +67,40 @@ def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     return x.numel() * 4 / best
 
 
-def herd_decode(model: Llama4, prompt: torch.Tensor, new: int, repeats: int, compile: bool = False) -> float:
-    """Decode tokens/s (all rows together), prefill excluded; with `compile`, one untimed run first
-    compiles the step."""
-    best = float("inf")
-    for _ in range(repeats + compile):
+def herd_run(model: Llama4, prompt: torch.Tensor, new: int, compile: bool = False):
+    """One generation, as a zero-argument callable returning decode tokens/s (all rows together,
+    prefill and first token excluded)."""
+    def run() -> float:
         stream = generate_stream(model, prompt, new, temperature=0.0, stop_token_ids=[], compile=compile)
         next(stream)  # prefill + first token
         t = time.perf_counter()
         n = sum(1 for _ in stream)
-        best = min(best, (time.perf_counter() - t) / n)
-    return prompt.shape[0] / best
+        return prompt.shape[0] * n / (time.perf_counter() - t)
+
+    return run
 
 
-def hf_decode(hf, prompt: torch.Tensor, new: int, repeats: int) -> float:
-    def run(n):
+def hf_run(hf, prompt: torch.Tensor, new: int):
+    """transformers' generate: a run of `new` tokens minus a run of 1, so its prefill drops out."""
+    def timed(n):
         t = time.perf_counter()
         hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
         return time.perf_counter() - t
 
-    best = float("inf")
-    for _ in range(repeats):
-        best = min(best, (run(new) - run(1)) / (new - 1))
-    return prompt.shape[0] / best
+    return lambda: prompt.shape[0] * (new - 1) / (timed(new) - timed(1))
+
+
+def best_of_rounds(runs: dict, rounds: int) -> dict:
+    """Best tokens/s of each setting over `rounds` rounds, every round running each setting once:
+    interleaved, so that a slow spell on a shared machine hits all settings alike and the ratios
+    stay fair. An untimed first round compiles and warms up."""
+    for run in runs.values():
+        run()
+    best = dict.fromkeys(runs, 0.0)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            best[name] = max(best[name], run())
+    return best
 
 
 def copy_of(model: Llama4) -> Llama4:
@@ -104,7 +115,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds; each row keeps its best")
     ap.add_argument("--skip-hf", action="store_true")
     ap.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
     args = ap.parse_args()
@@ -115,21 +126,18 @@ def main():
     batch = torch.randint(3, 8000, (args.batch, args.prompt))
     print(f"torch {torch.__version__}, {args.threads} threads; prompt {args.prompt}, {args.new} new tokens")
 
-    rows = []
+    from herd.quant import quantize_
+
     bw = read_bandwidth()
     active = active_weight_bytes(model)
-    plain = herd_decode(model, prompt, args.new, args.repeats)
-    fast_model = prepare_for_decoding(copy_of(model))
-    fp32 = herd_decode(fast_model, prompt, args.new, args.repeats)
-    rows.append(("herd fp32, batch 1", fp32, f"{fp32 / (bw / active):.0%} of roofline"))
-    rows.append(("herd fp32, batch 1, as trained", plain, f"prepared is {fp32 / plain:.2f}x faster"))
+    fast = prepare_for_decoding(copy_of(model))
+    quant = {m: prepare_for_decoding(quantize_(copy_of(model), m)) for m in ("int8", "int4")}
+    runs = {"as trained": herd_run(model, prompt, args.new), "fp32": herd_run(fast, prompt, args.new),
+            "batch": herd_run(fast, batch, args.new)}
+    runs |= {m: herd_run(q, prompt, args.new) for m, q in quant.items()}
     if not args.skip_compile:
-        t = time.perf_counter()
-        compiled = herd_decode(fast_model, prompt, args.new, args.repeats, compile=True)
-        rows.append(("herd fp32, batch 1, compiled step", compiled,
-                     f"{compiled / fp32:.2f}x prepared; {compiled / (bw / active):.0%} of roofline; "
-                     f"compile + runs {time.perf_counter() - t:.0f} s"))
-
+        runs |= {f"{m} compiled": herd_run(q, prompt, args.new, compile=True)
+                 for m, q in (("fp32", fast), *quant.items())}
     if not args.skip_hf:
         import transformers
 
@@ -137,39 +145,47 @@ def main():
             model.save_pretrained(d)
             hf = transformers.Llama4ForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
         with torch.no_grad():
-            theirs = hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0)
-        ours = fast_model.generate(prompt, 16, temperature=0.0, stop_token_ids=[])
-        hf_tps = hf_decode(hf, prompt, args.new, args.repeats)
-        compiled_note = "" if args.skip_compile else f", compiled {compiled / hf_tps:.1f}x"
-        rows.append((f"transformers {transformers.__version__} fp32, batch 1", hf_tps,
-                     f"herd {fp32 / hf_tps:.1f}x faster{compiled_note}; same greedy tokens: {torch.equal(ours, theirs)}"))
-        del hf
+            same_tokens = torch.equal(fast.generate(prompt, 16, temperature=0.0, stop_token_ids=[]),
+                                      hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0))
+        runs["transformers"] = hf_run(hf, prompt, args.new)
+    t = time.perf_counter()
+    best = best_of_rounds(runs, args.repeats)
+    seconds = time.perf_counter() - t
+    compiled = not args.skip_compile
 
-    b16 = herd_decode(fast_model, batch, args.new, args.repeats)
+    def roofline(name, nbytes=active):
+        return f"{best[name] / (bw / nbytes):.0%} of {'its' if nbytes != active else 'the'} roofline"
+
+    fp32 = best["fp32"]
+    rows = [("herd fp32, batch 1", fp32, roofline("fp32")),
+            ("herd fp32, batch 1, as trained", best["as trained"], f"prepared is {fp32 / best['as trained']:.2f}x faster")]
+    if compiled:
+        rows.append(("herd fp32, batch 1, compiled step", best["fp32 compiled"],
+                     f"{best['fp32 compiled'] / fp32:.2f}x eager; {roofline('fp32 compiled')}"))
+    if not args.skip_hf:
+        hf_tps = best["transformers"]
+        note = f"herd {fp32 / hf_tps:.1f}x faster" + (f", compiled {best['fp32 compiled'] / hf_tps:.1f}x" if compiled else "")
+        rows.append((f"transformers {transformers.__version__} fp32, batch 1", hf_tps,
+                     f"{note}; same greedy tokens: {same_tokens}"))
     # Batching is free only while a step is bound by reading weights. Here 16 rows reach most of the
     # 8 experts, and their matmuls (2 FLOPs per active weight per row) have a floor set by the
     # machine's matmul peak measured with the same threads.
     peak = measure_matmul_peak(size=1024, repeats=10)
     at_peak = peak / (2 * active / 4)  # aggregate tokens/s if every FLOP ran at peak (fp32 weights)
-    compiled_note = "" if args.skip_compile else f", {b16 / compiled:.1f}x compiled batch 1"
+    b16 = best["batch"]
     rows.append((f"herd fp32, batch {args.batch} (aggregate)", b16,
-                 f"{b16 / fp32:.1f}x batch 1{compiled_note}; matmuls at peak ({peak / 1e9:.0f} GFLOP/s) "
-                 f"would give {at_peak:.0f}"))
-
-    from herd.quant import quantize_
-
-    for method in ("int8", "int4"):
-        q = prepare_for_decoding(quantize_(copy_of(model), method))
-        tps = herd_decode(q, prompt, args.new, args.repeats)
+                 f"{b16 / fp32:.1f}x batch 1" + (f", {b16 / best['fp32 compiled']:.1f}x compiled batch 1" if compiled else "")
+                 + f"; matmuls at peak ({peak / 1e9:.0f} GFLOP/s) would give {at_peak:.0f}"))
+    for m, q in quant.items():
         q_bytes = active_weight_bytes(q)
-        rows.append((f"herd {method}, batch 1", tps,
-                     f"{tps / fp32:.2f}x fp32; {q_bytes / 2**20:.1f} MiB read/token, "
-                     f"{tps / (bw / q_bytes):.0%} of its roofline"))
-        if not args.skip_compile:
-            tps = herd_decode(q, prompt, args.new, args.repeats, compile=True)
-            rows.append((f"herd {method}, batch 1, compiled step", tps,
-                         f"{tps / compiled:.2f}x fp32 compiled; {tps / (bw / q_bytes):.0%} of its roofline"))
+        rows.append((f"herd {m}, batch 1", best[m],
+                     f"{best[m] / fp32:.2f}x fp32; {q_bytes / 2**20:.1f} MiB read/token, {roofline(m, q_bytes)}"))
+        if compiled:
+            rows.append((f"herd {m}, batch 1, compiled step", best[f"{m} compiled"],
+                         f"{best[f'{m} compiled'] / best['fp32 compiled']:.2f}x fp32 compiled; "
+                         f"{roofline(f'{m} compiled', q_bytes)}"))
 
+    print(f"{len(runs)} settings, best of {args.repeats} interleaved rounds: {seconds:.0f} s")
     print(f"read bandwidth {bw / 1e9:.1f} GB/s; fp32 active weights {active / 2**20:.1f} MiB/token "
           f"-> roofline {bw / active:.0f} tokens/s")
     print(f"| {'setting':<40} | {'decode tok/s':>12} | note")

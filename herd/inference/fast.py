@@ -211,13 +211,13 @@ class FusedSwiGLU(nn.Module):
 
 class DecodeMoE(nn.Module):
     """`MoE` whose few-token case (decoding) runs each chosen expert straight from its weights:
-    no sort, bincount or split. More tokens take the grouped path. The router is kept as it
-    is (a flipped choice costs more than its bytes; quantization keeps it in full precision too)."""
+    no sort, bincount or split. More tokens take the grouped path. The router stays in full
+    precision (a flipped choice costs more than its bytes save), in the blocked layout."""
 
     def __init__(self, moe: MoE):
         super().__init__()
         self.num_experts, self.top_k = moe.num_experts, moe.top_k
-        self.router = moe.router
+        self.router = BlockedLinear(moe.router.weight)  # full precision, like the model's
         self.experts = moe.experts if isinstance(moe.experts, QuantExperts) else BlockedExperts(moe.experts)
         self.shared_expert = FusedSwiGLU(moe.shared_expert)
         self.selection_bias = moe.selection_bias
