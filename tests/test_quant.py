@@ -47,6 +47,18 @@ def test_weight_formats(make, weight_error):
     assert q(x).shape == (3, 5, 64) and q(x).dtype == x.dtype
 
 
+@pytest.mark.parametrize("make", [Int8Weight.from_float, lambda w: Int4Weight.from_float(w, 32),
+                                  lambda w: Int4Weight.from_float(w, 16), Fp8Weight.from_float])
+def test_stacked_expert_weights_equal_one_matrix_each(make):
+    """Experts' weights quantized as one stack [E, N, K] give, for expert e, what expert e's matrix
+    quantized alone gives (group 16: the int4 path without the CPU kernel)."""
+    g = torch.Generator().manual_seed(2)
+    w, x = torch.randn(3, 32, 64, generator=g), torch.randn(2, 64, generator=g)
+    stacked = make(w)
+    for e in range(3):
+        torch.testing.assert_close(stacked(x, e), make(w[e])(x))
+
+
 def test_int4_groups_and_fallback():
     w = torch.randn(48, 96, generator=torch.Generator().manual_seed(1))
     q32 = Int4Weight.from_float(w, 32)

@@ -6,12 +6,12 @@ the number of small ops per layer, so for inference this module swaps, in place 
 `herd.quant.quantize_`):
 - q/k/v projections for one fused projection, and gate/up (dense layers, shared expert) for one
   fused gate_up: one weight read and one call instead of three or two;
-- every full-precision weight, lm_head included, to the [in, out] layout (`x @ W`): PyTorch's CPU
-  GEMV reads it about twice as fast as nn.Linear's [out, in] (`x @ W.T`);
+- every full-precision weight (projections, experts, router, lm_head) to blocks of 16 output
+  columns (`blocked_matmul`), which one decoding row reads in a single streaming pass;
 - RMSNorm for `F.rms_norm` (one op instead of six) and RoPE for a complex multiply, applied to
   q and k together;
 - the MoE for one that, when a few tokens are routed (decoding), runs each chosen expert's weights
-  directly instead of sorting and splitting, and otherwise takes the model's grouped path.
+  directly instead of sorting and splitting, and otherwise takes a grouped path.
 Quantized layers (int8, int4, fp8) are fused by concatenating their rows, so quantize first, then
 prepare. The swapped modules compute the same function as the originals for any number of tokens
 (prefill included); the tests compare both paths' logits and tokens. A prepared model is for
@@ -216,8 +216,8 @@ class DecodeMoE(nn.Module):
 
     def __init__(self, moe: MoE):
         super().__init__()
-        self.num_experts, self.top_k = moe.num_experts, moe.top_k
-        self.router = BlockedLinear(moe.router.weight)  # full precision, like the model's
+        self.top_k = moe.top_k
+        self.router = BlockedLinear(moe.router.weight)
         self.experts = moe.experts if isinstance(moe.experts, QuantExperts) else BlockedExperts(moe.experts)
         self.shared_expert = FusedSwiGLU(moe.shared_expert)
         self.selection_bias = moe.selection_bias

@@ -67,10 +67,12 @@ class Int4Weight(nn.Module):
             raise ValueError("Int4Weight.cat: the parts have different group sizes")
         return cls(*(torch.cat([getattr(p, n) for p in parts], -2) for n in ("qweight", "scale", "zero")))
 
-    def dequantize(self) -> torch.Tensor:
-        q = _unpack_nibbles(self.qweight).float()  # [(E,) N, K]
-        scale = self.scale.repeat_interleave(self.group_size, dim=-1)
-        zero = self.zero.repeat_interleave(self.group_size, dim=-1)
+    def dequantize(self, expert: int | None = None) -> torch.Tensor:
+        """The full-precision weight [(E,) N, K], or expert e's [N, K]."""
+        pick = (lambda t: t) if expert is None else (lambda t: t[expert])  # noqa: E731
+        q = _unpack_nibbles(pick(self.qweight)).float()
+        scale = pick(self.scale).repeat_interleave(self.group_size, dim=-1)
+        zero = pick(self.zero).repeat_interleave(self.group_size, dim=-1)
         return (q - 8) * scale + zero
 
     def prepare_kernel(self) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -89,8 +91,7 @@ class Int4Weight(nn.Module):
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         kernel = self.prepare_kernel() if x.device.type == "cpu" else None
         if kernel is None:
-            w = self.dequantize()
-            return F.linear(x, (w if expert is None else w[expert]).to(x.dtype))
+            return F.linear(x, self.dequantize(expert).to(x.dtype))
         # Decoding calls this dozens of times a token: nothing here but the kernel and two casts.
         tiled, scales_zeros = kernel
         if expert is not None:
