@@ -2,19 +2,21 @@
 weight-only quantization, all measured in one run (CPU timings on a shared machine are noisy:
 compare the ratios, which come from the same run).
 
-    python benchmarks/decode.py [--threads 1] [--new 128] [--skip-hf] [--skip-compile]
+    python benchmarks/decode.py [--threads 1] [--new 128] [--repeats 5] [--skip-hf] [--skip-compile]
 
 Model: hidden 256, 8 layers (all MoE, 8 experts top-1, width 512), 8 heads / 2 KV heads of 32,
 vocab 8192, chunk 256, random weights. Prompt 128 tokens, 128 new tokens, greedy. Decode speed
-counts the 127 steps after the first token (prefill excluded) and takes the best of `--repeats`.
+counts the 127 steps after the first token (prefill excluded). Every setting runs once per round,
+after an untimed round that compiles and warms up, and keeps its best of `--repeats` rounds.
 
 One thread by default: a batch-1 GEMV runs on one thread in PyTorch's CPU BLAS anyway, and on a
 machine shared with other jobs a second OpenMP thread that loses its core stalls every op (we saw
 100x slowdowns). The roofline uses the read bandwidth measured with the same thread count.
 
 herd's rows decode with the model prepared by `herd.inference.prepare_for_decoding` (fused
-projections, [in, out] weights, the few-token MoE; what `herd generate/chat` use) unless the row
-says "as trained" (the model's own modules, the slow twin).
+projections, blocked weights, the few-token MoE; what `herd generate/chat` use), eagerly or, in the
+"compiled step" rows, with `generate(..., compile=True)` (`herd generate/chat --compile`), unless the
+row says "as trained" (the model's own modules, the slow twin).
 """
 
 from __future__ import annotations

@@ -2,15 +2,17 @@
 through a prepared model (herd.inference.fast) as one `torch.compile`d graph with static shapes;
 `generate(..., compile=True)` uses it.
 
-Eager decoding on CPU spends about 40% of a step launching small ops (norms, RoPE, masks, MoE
-bookkeeping); inductor fuses them into a few C++ loops. To give it one graph that never recompiles,
+Eager decoding on CPU spends most of a step launching small ops (norms, RoPE, masks, MoE
+bookkeeping); inductor fuses them into a few C++ loops, writes the full-precision matrix-vector
+products itself (herd.inference.fast.blocked_matmul) and calls the quantized kernels from a C++
+wrapper. Full-precision and quantized models both compile. To give it one graph that never recompiles,
 the step differs from the eager one in two ways, neither of which changes what a query sees:
 - the write position is a tensor (`index_copy_` into the cache), not a Python int, so the step is
   the same graph at every position;
 - global layers attend to their whole preallocated buffer, unwritten slots being hidden by the
   cache's EMPTY document (eager decoding slices the written part instead).
 The MoE reads the chosen expert ids as graph-internal scalars (`capture_scalar_outputs`), so
-experts are still read in place. Prefill stays eager (its pieces vary in length).
+experts are read in place from their stacked weights. Prefill stays eager (its pieces vary in length).
 
 Compiling takes 10-30 s on CPU (inductor needs a C++ compiler there) and happens again for each new
 batch size or cache size (the engine rounds cache sizes up to a power of two to make that rare),
