@@ -93,9 +93,9 @@ def test_blocked_matmul_equals_linear(out_features):
 
 def test_compiled_step_gives_the_eager_tokens():
     """The compile test (about 40 s on CPU): a left-padded batch past a chunk boundary, a second
-    prompt length that reuses the graph (cache sizes are rounded up), and an int8 copy of the same
-    model, which must get its own graph (its guards skip the modules: a shared graph would run the
-    full-precision weights' code on it)."""
+    prompt length that reuses the graph (cache sizes are rounded up), and an int8 copy and a deep
+    copy of the same model, which must each get their own graph (its guards skip the modules: a
+    shared graph would run the first model's code or weights on them)."""
     model, fast = twins()
     with pytest.raises(ValueError, match="prepare_for_decoding"):
         generate(model, torch.tensor([[5, 6]]), 2, compile=True)
@@ -103,9 +103,19 @@ def test_compiled_step_gives_the_eager_tokens():
         generate(fast, torch.ones(3, 2, dtype=torch.long), 2, compile=True)  # 3 rows x top-2
     int8 = prepare_for_decoding(quantize_(copy.deepcopy(model), "int8"))
     ids, mask = pad_prompts(random_rows([6, 3], seed=6), pad_id=0)
-    for m, starts in ((fast, (0, 1)), (int8, (0,))):
-        for n in starts:
-            ids_n, mask_n = ids[:, n:], mask[:, n:]
-            eager = generate(m, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[])
-            compiled = generate(m, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[], compile=True)
-            assert torch.equal(compiled, eager)
+
+    def check(m, n=0):
+        ids_n, mask_n = ids[:, n:], mask[:, n:]
+        eager = generate(m, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[])
+        compiled = generate(m, ids_n, 10, temperature=0.0, attention_mask=mask_n, stop_token_ids=[], compile=True)
+        assert torch.equal(compiled, eager)
+        return compiled
+
+    check(fast, 0)
+    check(fast, 1)
+    check(int8)
+    # A deep copy with other weights (after the original compiled) decodes with its own weights.
+    other = copy.deepcopy(fast)
+    with torch.no_grad():
+        other.lm_head.weight.mul_(-1)
+    assert not torch.equal(check(other), check(fast))

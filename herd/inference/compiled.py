@@ -21,7 +21,6 @@ so it is opt-in. It covers the few-token MoE path only: batch x top-k up to 4.
 
 from __future__ import annotations
 
-import functools
 import types
 import weakref
 
@@ -67,19 +66,22 @@ def _step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Te
     return out.logits[:, -1].float()
 
 
+_STEPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its compiled step
+
+
 def _compiled(model):
-    """The model's own compiled step, made on first use and kept on the model. Its guards skip the
-    model's modules, whose checks cost ~10% of a step: a prepared model does not change. Dynamo
-    keeps compiled graphs per code object, so each model gets its own copy of `_step`'s code; with
-    a shared one, a second model would pass the pruned guards and run the first model's graph.
-    (The step's tensors are still guarded: a new batch or cache size compiles again.)"""
-    step = model.__dict__.get("_compiled_decode_step")
+    """The model's own compiled step, made on first use. Its guards skip the model's modules,
+    whose checks cost ~10% of a step: a prepared model does not change. Dynamo keeps compiled
+    graphs per code object, so each model gets its own copy of `_step`'s code; with a shared one,
+    a second model would pass the pruned guards and run the first model's graph. Kept in a table
+    keyed by the model, not on it, so that a deep copy of the model compiles its own step. (The
+    step's tensors are still guarded: a new batch or cache size compiles again.)"""
+    step = _STEPS.get(model)
     if step is None:
         own_code = types.FunctionType(_step.__code__.replace(), _step.__globals__, _step.__name__)
-        step = torch.compile(functools.partial(own_code, model), dynamic=False, fullgraph=True,
-                             options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
-                                      "cpp_wrapper": True})
-        model.__dict__["_compiled_decode_step"] = step
+        step = _STEPS[model] = torch.compile(
+            own_code, dynamic=False, fullgraph=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe, "cpp_wrapper": True})
     return step
 
 
@@ -101,4 +103,4 @@ def compiled_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: 
     index = torch.tensor([cache.length], device=tokens.device)
     cache.length += 1
     with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        return _compiled(model)(cache, tokens, positions, index)
+        return _compiled(model)(model, cache, tokens, positions, index)
