@@ -14,7 +14,7 @@ from herd.train import checkpoint as ckpt_module
 from herd.train.checkpoint import CheckpointWriteError, step_dirs
 from herd.train.config import TrainConfig, apply_overrides, default, parse_overrides
 from herd.train.loop import TrainingDiverged, train
-from herd.train.losses import LossOutput, causal_lm_loss
+from herd.train.losses import causal_lm_loss
 from herd.train.optim import lr_factor
 from herd.train.sources import TextWindows, TokenStream
 
@@ -89,7 +89,7 @@ def test_schedules():
 
 def test_loss_falls(tmp_path):
     model = small_model()
-    result = train(model, cfg(steps=30), token_data(), causal_lm_loss, tmp_path)
+    train(model, cfg(steps=30), token_data(), causal_lm_loss, tmp_path)
     losses = train_losses(tmp_path)
     assert losses[30] < losses[1] - 1.0
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.attention import Attention, TokenLayout, attend, dense_mask, temperature_scale
-from ..model.moe import Experts, MoE, RouterStats, SwiGLU, route
+from ..model.moe import Experts, MoE, RouterStats, SwiGLU, per_expert, route
 from ..model.norm import RMSNorm, rms_normalize
 from ..model.rope import apply_rope
 from ..quant import QuantExperts
@@ -112,8 +112,7 @@ class BlockedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, D] sorted by expert, counts [E] -> [N, D]."""
-        outs = [self.one(e, x_e) for e, x_e in enumerate(torch.split(x, counts.tolist())) if x_e.shape[0]]
-        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+        return per_expert(self.one, x, counts)
 
 
 class FastRMSNorm(nn.Module):

@@ -12,8 +12,7 @@ already [in, out] for `x @ W`, so checkpoints map one to one.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -41,11 +40,14 @@ class RouterStats:
 
     logits: torch.Tensor  # [N_tokens, E] router logits (before any selection bias)
     top_experts: torch.Tensor  # [N_tokens, k] the experts each token was sent to
+    _counts: torch.Tensor | None = field(default=None, repr=False)  # given where the layer already counted
 
-    @functools.cached_property
+    @property
     def counts(self) -> torch.Tensor:
-        """[E] tokens routed to each expert (int64); counted when asked (decoding never asks)."""
-        return torch.bincount(self.top_experts.flatten(), minlength=self.logits.shape[-1])
+        """[E] tokens routed to each expert (int64); counted when first asked (decoding never asks)."""
+        if self._counts is None:
+            self._counts = torch.bincount(self.top_experts.flatten(), minlength=self.logits.shape[-1])
+        return self._counts
 
 
 def _use_grouped_mm(x: torch.Tensor) -> bool:
@@ -75,12 +77,18 @@ def grouped_swiglu(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor,
         offsets = counts.cumsum(0).to(torch.int32)
         gate, up = torch._grouped_mm(x, gate_up, offs=offsets).chunk(2, dim=-1)
         return torch._grouped_mm(F.silu(gate) * up, down, offs=offsets)
-    outs = []
-    for e, x_e in enumerate(torch.split(x, counts.tolist())):
-        if x_e.shape[0] == 0:
-            continue
+
+    def swiglu(e: int, x_e: torch.Tensor) -> torch.Tensor:
         gate, up = (x_e @ gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
-        outs.append((F.silu(gate) * up) @ down[e])  # [n_e, D]
+        return (F.silu(gate) * up) @ down[e]  # [n_e, D]
+
+    return per_expert(swiglu, x, counts)
+
+
+def per_expert(expert_fn, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """`expert_fn(e, x_e)` on each expert's contiguous slice x_e of x [N, D] (sorted by expert,
+    counts [E]), skipping experts without tokens -> [N, D]. The loop every expert layout shares."""
+    outs = [expert_fn(e, x_e) for e, x_e in enumerate(torch.split(x, counts.tolist())) if x_e.shape[0]]
     return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 
@@ -127,7 +135,7 @@ class MoE(nn.Module):
             counts = torch.bincount(chosen, minlength=self.num_experts)
             routed_out = self.experts(x * gates[0, order, None], counts)  # [k, D]
             out = self.shared_expert(x) + routed_out.sum(0, keepdim=True)
-            return out.view(shape), RouterStats(logits=logits, top_experts=top_experts)
+            return out.view(shape), RouterStats(logits=logits, top_experts=top_experts, _counts=counts)
 
         # Sort the N*k (token, expert) pairs by expert so each expert sees one contiguous slice.
         flat_experts = top_experts.flatten()  # [N*k]
@@ -138,7 +146,7 @@ class MoE(nn.Module):
         routed_out = self.experts(routed_in, counts)
 
         out = self.shared_expert(x).index_add(0, token_of_pair, routed_out)
-        return out.view(shape), RouterStats(logits=logits, top_experts=top_experts)
+        return out.view(shape), RouterStats(logits=logits, top_experts=top_experts, _counts=counts)
 
 
 def moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import Experts
+from ..model.moe import Experts, per_expert
 from .fp8 import Fp8Weight
 from .int4 import Int4Weight
 from .int8 import Int8Weight
@@ -49,8 +49,7 @@ class QuantExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, D] sorted by expert, counts [E] -> [N, D]."""
-        outs = [self.one(e, x_e) for e, x_e in enumerate(torch.split(x, counts.tolist())) if x_e.shape[0]]
-        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+        return per_expert(self.one, x, counts)
 
 
 def _quantizer(method: str, group_size: int):

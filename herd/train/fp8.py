@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import Experts
+from ..model.moe import Experts, per_expert
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 KEEP_HIGH_PRECISION = ("lm_head", "router")
@@ -95,13 +95,11 @@ class Float8Experts(Experts):
         return new
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        outs = []
-        for e, x_e in enumerate(torch.split(x, counts.tolist())):
-            if x_e.shape[0] == 0:
-                continue
+        def swiglu(e: int, x_e: torch.Tensor) -> torch.Tensor:
             gate, up = float8_matmul(x_e, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append(float8_matmul(F.silu(gate) * up, self.down_proj[e]))
-        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+            return float8_matmul(F.silu(gate) * up, self.down_proj[e])
+
+        return per_expert(swiglu, x, counts)
 
 
 def torchao_float8_available(model: nn.Module) -> bool:
