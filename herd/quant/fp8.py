@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .rowwise import RowwiseWeight
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -22,34 +23,19 @@ def _fp8_matmul_available(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device) >= (8, 9))
 
 
-class Fp8Weight(nn.Module):
-    """Stands in for an nn.Linear without bias: y = x @ (qweight * scale).T, qweight [N, K] e4m3.
-    A stack of experts' weights has a leading expert dimension ([E, N, K]); `forward(x, e)` then
-    applies expert e's."""
+class Fp8Weight(RowwiseWeight):
+    """float8_e4m3fn [(E,) N, K] with per-row scales (herd.quant.rowwise)."""
 
-    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("qweight", qweight)  # [(E,) N, K] float8_e4m3fn
-        self.register_buffer("scale", scale)  # [(E,) N] fp32
+    QMAX = FP8_MAX
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Fp8Weight":
-        w = weight.detach().float().contiguous()
-        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / FP8_MAX
-        return cls((w / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale)
-
-    @classmethod
-    def cat(cls, parts: list["Fp8Weight"]) -> "Fp8Weight":
-        """One layer whose outputs are those of `parts` side by side (their rows stacked)."""
-        return cls(torch.cat([p.qweight for p in parts], -2), torch.cat([p.scale for p in parts], -1))
-
-    def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[..., None]
+    @staticmethod
+    def encode(scaled: torch.Tensor) -> torch.Tensor:
+        return scaled.clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        qweight, scale = (self.qweight, self.scale) if expert is None else (self.qweight[expert], self.scale[expert])
         if not _fp8_matmul_available(x):
-            return F.linear(x, (qweight.float() * scale[:, None]).to(x.dtype))
+            return F.linear(x, self.dequantize(expert).to(x.dtype))
+        qweight, scale = self.pick(expert)
         x2 = x.reshape(-1, x.shape[-1])
         x_scale = x2.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / FP8_MAX  # [M, 1]
         x8 = (x2 / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)

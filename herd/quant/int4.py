@@ -78,14 +78,15 @@ class Int4Weight(nn.Module):
     def prepare_kernel(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The CPU kernel's tiled weight and bf16 scales+zeros [(E,) G, N, 2], made once and kept;
         None where the kernel does not take this shape."""
+        if self._kernel is not None:
+            return self._kernel
         if self.group_size not in KERNEL_GROUPS or self.qweight.shape[-2] % 16 or self.qweight.device.type != "cpu":
             return None
-        if self._kernel is None:
-            q = _unpack_nibbles(self.qweight).to(torch.int32)
-            tile = lambda w: torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)  # noqa: E731
-            tiled = tile(q) if q.ndim == 2 else torch.stack([tile(w) for w in q])
-            scales_zeros = torch.stack([self.scale.transpose(-1, -2), self.zero.transpose(-1, -2)], dim=-1)
-            self._kernel = (tiled, scales_zeros.to(torch.bfloat16).contiguous())
+        q = _unpack_nibbles(self.qweight).to(torch.int32)
+        tile = lambda w: torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)  # noqa: E731
+        tiled = tile(q) if q.ndim == 2 else torch.stack([tile(w) for w in q])
+        scales_zeros = torch.stack([self.scale.transpose(-1, -2), self.zero.transpose(-1, -2)], dim=-1)
+        self._kernel = (tiled, scales_zeros.to(torch.bfloat16).contiguous())
         return self._kernel
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:

@@ -10,35 +10,22 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+
+from .rowwise import RowwiseWeight
 
 
-class Int8Weight(nn.Module):
-    """Stands in for an nn.Linear without bias: y = x @ dequant(qweight).T, qweight [N, K] int8.
-    A stack of experts' weights has a leading expert dimension ([E, N, K]); `forward(x, e)` then
-    applies expert e's."""
+class Int8Weight(RowwiseWeight):
+    """int8 [(E,) N, K] with symmetric per-row scales (herd.quant.rowwise)."""
+
+    QMAX = 127.0
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
-        super().__init__()
-        self.register_buffer("qweight", qweight)  # [(E,) N, K] int8
-        self.register_buffer("scale", scale)  # [(E,) N] fp32
+        super().__init__(qweight, scale)
         self._scale_bf16: torch.Tensor | None = None  # the kernel's copy of the scales (prepare_kernel)
 
-    @classmethod
-    def from_float(cls, weight: torch.Tensor) -> "Int8Weight":
-        """weight [(E,) N, K] (out, in) -> per-row symmetric int8."""
-        w = weight.detach().float().contiguous()
-        scale = w.abs().amax(dim=-1).clamp(min=1e-12) / 127.0  # [(E,) N]; the clamp keeps zero rows finite
-        q = torch.round(w / scale[..., None]).clamp(-127, 127).to(torch.int8)
-        return cls(q, scale)
-
-    @classmethod
-    def cat(cls, parts: list["Int8Weight"]) -> "Int8Weight":
-        """One layer whose outputs are those of `parts` side by side (their rows stacked)."""
-        return cls(torch.cat([p.qweight for p in parts], -2), torch.cat([p.scale for p in parts], -1))
-
-    def dequantize(self) -> torch.Tensor:
-        return self.qweight.float() * self.scale[..., None]
+    @staticmethod
+    def encode(scaled: torch.Tensor) -> torch.Tensor:
+        return torch.round(scaled).clamp(-127, 127).to(torch.int8)
 
     def prepare_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The CPU kernel's inputs: the int8 weight and bf16 scales (made once, kept)."""
@@ -48,8 +35,7 @@ class Int8Weight(nn.Module):
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         if x.device.type != "cpu":  # no portable int8 GEMM: dequantize (correct, not fast)
-            qweight, scale = (self.qweight, self.scale) if expert is None else (self.qweight[expert], self.scale[expert])
-            return F.linear(x, (qweight.float() * scale[:, None]).to(x.dtype))
+            return F.linear(x, self.dequantize(expert).to(x.dtype))
         qweight, scale = self.prepare_kernel()
         if expert is not None:
             qweight, scale = qweight[expert], scale[expert]
