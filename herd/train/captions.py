@@ -21,6 +21,7 @@ from ..data.synthetic import SHAPES, synthetic_scenes
 from ..model import Llama4
 from ..tokenizer import Tokenizer
 from .losses import IGNORE, Batch
+from .sources import StepSource
 
 
 class SceneSet:
@@ -47,9 +48,9 @@ class SceneSet:
         return ids, [False] * len(self.image_prompt) + [True] * len(caption)
 
 
-class ContrastivePairs:
+class ContrastivePairs(StepSource):
     def __init__(self, scenes: SceneSet, batch_size: int, seed: int = 0):
-        self.scenes, self.batch_size, self.seed, self.step = scenes, batch_size, seed, 0
+        self.scenes, self.batch_size, self.seed = scenes, batch_size, seed
 
     def batch(self, step: int) -> Batch:
         rng = np.random.default_rng([self.seed, step])
@@ -64,26 +65,12 @@ class ContrastivePairs:
         pixels = torch.cat([self.scenes.pixels[i] for i in pick])
         return Batch(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
-    def __next__(self) -> Batch:
-        self.step += 1
-        return self.batch(self.step - 1)
 
-    def __iter__(self):
-        return self
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
-
-
-class CaptionRows:
+class CaptionRows(StepSource):
     """Rows of `seq_len` holding as many captioned images as fit, each its own document."""
 
     def __init__(self, scenes: SceneSet, batch_size: int, seq_len: int, pad_id: int, seed: int = 0):
         self.scenes, self.batch_size, self.seq_len, self.pad_id, self.seed = scenes, batch_size, seq_len, pad_id, seed
-        self.step = 0
 
     def rows(self, step: int, n: int) -> Batch:
         ids = np.full((n, self.seq_len + 1), self.pad_id, dtype=np.int64)
@@ -111,44 +98,23 @@ class CaptionRows:
         return Batch(input_ids=torch.from_numpy(ids[:, :-1]), labels=torch.from_numpy(labels),
                      document_ids=torch.from_numpy(docs[:, :-1]), pixel_values=torch.cat(pixels))
 
-    def __next__(self) -> Batch:
-        self.step += 1
-        return self.rows(self.step - 1, self.batch_size)
-
-    def __iter__(self):
-        return self
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
+    def batch(self, step: int) -> Batch:
+        return self.rows(step, self.batch_size)
 
 
-class Mixture:
+class Mixture(StepSource):
     """Joint early-fusion batches: `caption_rows` rows of captions on top of code windows."""
 
     def __init__(self, text, captions: CaptionRows, caption_rows: int):
         self.text, self.captions, self.caption_rows = text, captions, caption_rows
-        self.step = 0
 
-    def __next__(self) -> Batch:
-        t = self.text.batch(self.step)
-        c = self.captions.rows(self.step, self.caption_rows)
-        self.step += 1
+    def batch(self, step: int) -> Batch:
+        t = self.text.batch(step)
+        c = self.captions.rows(step, self.caption_rows)
         n_text = t.input_ids.shape[0] - self.caption_rows
         cat = lambda a, b: torch.cat([a[:n_text], b])  # noqa: E731
         return Batch(input_ids=cat(t.input_ids, c.input_ids), labels=cat(t.labels, c.labels),
                      document_ids=cat(t.document_ids, c.document_ids), pixel_values=c.pixel_values)
-
-    def __iter__(self):
-        return self
-
-    def state_dict(self) -> dict:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.step = state["step"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,28 +41,14 @@ class TokenStream:
         return float(-logp[other.tokens].mean())
 
 
-class TextWindows:
-    """Iterator of `Batch`es of `batch_size` windows of `seq_len` tokens (this rank's share)."""
+class StepSource:
+    """A batch source whose batch k is a pure function of k (`batch(k)`): iterating yields batches
+    0, 1, 2, ... and its position in a checkpoint is the step alone."""
 
-    def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int = 0,
-                 rank: int = 0, world_size: int = 1):
-        if len(stream) <= seq_len + 1:
-            raise ValueError(f"the token stream ({len(stream)} tokens) is shorter than seq_len + 1 "
-                             f"({seq_len + 1}); give more data or lower --seq_len")
-        self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
-        self.rank, self.world_size = rank, world_size
-        self.step = 0
+    step = 0
 
     def batch(self, step: int) -> Batch:
-        rng = np.random.default_rng([self.seed, step])
-        n = self.batch_size * self.world_size
-        starts = rng.integers(0, len(self.stream) - self.seq_len - 1, size=n)
-        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
-        idx = starts[:, None] + np.arange(self.seq_len + 1)  # [B, T+1]
-        tokens, docs = self.stream.tokens[idx], self.stream.doc_ids[idx]
-        labels = np.where(docs[:, 1:] == docs[:, :-1], tokens[:, 1:], IGNORE)  # no cross-document target
-        return Batch(input_ids=torch.from_numpy(tokens[:, :-1]), labels=torch.from_numpy(labels),
-                     document_ids=torch.from_numpy(docs[:, :-1] - docs[:, :1]))
+        raise NotImplementedError
 
     def __iter__(self):
         return self
@@ -77,3 +63,26 @@ class TextWindows:
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
+
+
+class TextWindows(StepSource):
+    """Iterator of `Batch`es of `batch_size` windows of `seq_len` tokens (this rank's share)."""
+
+    def __init__(self, stream: TokenStream, batch_size: int, seq_len: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if len(stream) <= seq_len + 1:
+            raise ValueError(f"the token stream ({len(stream)} tokens) is shorter than seq_len + 1 "
+                             f"({seq_len + 1}); give more data or lower --seq_len")
+        self.stream, self.batch_size, self.seq_len, self.seed = stream, batch_size, seq_len, seed
+        self.rank, self.world_size = rank, world_size
+
+    def batch(self, step: int) -> Batch:
+        rng = np.random.default_rng([self.seed, step])
+        n = self.batch_size * self.world_size
+        starts = rng.integers(0, len(self.stream) - self.seq_len - 1, size=n)
+        starts = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+        idx = starts[:, None] + np.arange(self.seq_len + 1)  # [B, T+1]
+        tokens, docs = self.stream.tokens[idx], self.stream.doc_ids[idx]
+        labels = np.where(docs[:, 1:] == docs[:, :-1], tokens[:, 1:], IGNORE)  # no cross-document target
+        return Batch(input_ids=torch.from_numpy(tokens[:, :-1]), labels=torch.from_numpy(labels),
+                     document_ids=torch.from_numpy(docs[:, :-1] - docs[:, :1]))
