@@ -10,7 +10,6 @@ full weights on rank 0 and writes the Hugging Face layout.
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -21,21 +20,13 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from ..train.checkpoint import STEP_PREFIX, CheckpointWriteError, rng_state, set_rng_state, step_dirs
+from ..train.checkpoint import Checkpointer, CheckpointWriteError, rng_state, set_rng_state
 
 
-class ShardedCheckpointer:
-    def __init__(self, folder: str | Path, keep: int = 2):
-        self.folder = Path(folder)
-        self.keep = keep
-
-    def latest(self) -> Path | None:
-        dirs = step_dirs(self.folder)
-        return dirs[-1] if dirs else None
-
+class ShardedCheckpointer(Checkpointer):
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
         rank = dist.get_rank()
-        final = self.folder / f"{STEP_PREFIX}{step:06d}"
+        final = self.path(step)
         tmp = self.folder / f".tmp-{final.name}"
         error, message = torch.zeros(1), "failed on another rank"
         try:
@@ -57,11 +48,7 @@ class ShardedCheckpointer:
             raise CheckpointWriteError(f"could not write checkpoint {final} ({message}); the previous "
                                        "checkpoint is intact")
         if rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            for old in step_dirs(self.folder)[:-self.keep]:
-                shutil.rmtree(old, ignore_errors=True)
+            self.publish(tmp, final)
         dist.barrier()
         return final
 

@@ -62,8 +62,9 @@ def step_dirs(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX))
 
 
-class LocalCheckpointer:
-    """Checkpoints of a single-process run: HF-layout model + trainer.pt."""
+class Checkpointer:
+    """Where a run's checkpoints live and how a finished one is published; `LocalCheckpointer` and
+    herd.distributed's `ShardedCheckpointer` write and read their contents."""
 
     def __init__(self, folder: str | Path, keep: int = 2):
         self.folder = Path(folder)
@@ -73,8 +74,24 @@ class LocalCheckpointer:
         dirs = step_dirs(self.folder)
         return dirs[-1] if dirs else None
 
+    def path(self, step: int) -> Path:
+        return self.folder / f"{STEP_PREFIX}{step:06d}"
+
+    def publish(self, tmp: Path, final: Path) -> None:
+        """Renames a complete temporary folder to its final name (replacing a re-run of the same
+        step, after resuming) and keeps only the newest `keep` checkpoints."""
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in step_dirs(self.folder)[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+class LocalCheckpointer(Checkpointer):
+    """Checkpoints of a single-process run: HF-layout model + trainer.pt."""
+
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
-        final = self.folder / f"{STEP_PREFIX}{step:06d}"
+        final = self.path(step)
         tmp = self.folder / f".tmp-{final.name}-{os.getpid()}"
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -83,16 +100,12 @@ class LocalCheckpointer:
             save_model(model, tmp / "model")
             torch.save({**state, "step": step, "optimizer": optimizer.state_dict(), "rng": rng_state()},
                        tmp / "trainer.pt")
-            if final.exists():  # a re-run of the same step (after resuming): replace it
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            self.publish(tmp, final)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise CheckpointWriteError(
                 f"could not write checkpoint {final} ({e.strerror or e}); the previous checkpoint is intact. "
                 "Free disk space or choose another run folder with --out=PATH") from None
-        for old in step_dirs(self.folder)[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
         return final
 
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:
