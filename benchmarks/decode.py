@@ -22,24 +22,15 @@ row says "as trained" (the model's own modules, the slow twin).
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import torch
 
-from herd.config import ModelConfig, TextConfig
+from common import benchmark_config, hf_twin
+
 from herd.inference import generate_stream, prepare_for_decoding
 from herd.model import Llama4
 from herd.train.metrics import measure_matmul_peak
-
-
-def bench_config() -> ModelConfig:
-    text = TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024,
-                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                      num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=1,
-                      attention_chunk_size=256, rope_theta=10000.0, max_position_embeddings=4096,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return ModelConfig(text=text, vision=None)
 
 
 def active_weight_bytes(model: Llama4) -> int:
@@ -123,7 +114,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = Llama4(bench_config()).eval()
+    model = Llama4(benchmark_config(bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                                    max_position_embeddings=4096)).eval()
     prompt = torch.randint(3, 8000, (1, args.prompt))
     batch = torch.randint(3, 8000, (args.batch, args.prompt))
     print(f"torch {torch.__version__}, {args.threads} threads; prompt {args.prompt}, {args.new} new tokens")
@@ -143,9 +135,7 @@ def main():
     if not args.skip_hf:
         import transformers
 
-        with tempfile.TemporaryDirectory() as d:
-            model.save_pretrained(d)
-            hf = transformers.Llama4ForCausalLM.from_pretrained(d, attn_implementation="sdpa").eval()
+        hf = hf_twin(model).eval()
         with torch.no_grad():
             same_tokens = torch.equal(fast.generate(prompt, 16, temperature=0.0, stop_token_ids=[]),
                                       hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0))

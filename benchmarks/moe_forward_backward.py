@@ -11,27 +11,18 @@ machines are noisy, which is why only the ratio is meant to be compared.
 
 from __future__ import annotations
 
-import argparse
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
-from herd.config import ModelConfig, TextConfig
+from common import benchmark_config, hf_twin, throughput_args
+
+from herd.config import TextConfig
 from herd.model import Llama4
 from herd.train.metrics import measure_matmul_peak
 
 BATCH, SEQ = 8, 512
-
-
-def benchmark_config() -> ModelConfig:
-    text = TextConfig(vocab_size=8192, hidden_size=256, intermediate_size=512, intermediate_size_mlp=1024,
-                      num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                      num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=1,
-                      attention_chunk_size=256, rope_theta=10000.0, bos_token_id=0, eos_token_id=1,
-                      pad_token_id=2)
-    return ModelConfig(text=text, vision=None)
 
 
 def matmul_peak_flops() -> float:
@@ -61,20 +52,11 @@ def time_steps(step, steps: int) -> float:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers import Llama4ForCausalLM
-
+    args = throughput_args(__doc__, steps=3)
     torch.manual_seed(0)
     cfg = benchmark_config()
     herd_model = Llama4(cfg).train()
-    with tempfile.TemporaryDirectory() as tmp:
-        herd_model.save_pretrained(tmp)
-        hf_model = Llama4ForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").train()
+    hf_model = hf_twin(herd_model).train()
 
     ids = torch.randint(0, cfg.text.vocab_size, (BATCH, SEQ))
     targets = torch.roll(ids, -1, dims=1)

@@ -13,7 +13,6 @@ and timings are noisy, so compare the ratio, not the absolute numbers.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -24,50 +23,37 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_forward_backward import BATCH, SEQ, benchmark_config, matmul_peak_flops, useful_train_flops_per_token  # noqa: E402
+from common import benchmark_config, hf_twin, throughput_args  # noqa: E402
+from moe_forward_backward import BATCH, SEQ, matmul_peak_flops, useful_train_flops_per_token  # noqa: E402
 
 from herd.model import Llama4  # noqa: E402
 from herd.train.config import TrainConfig  # noqa: E402
 from herd.train.loop import train  # noqa: E402
 from herd.train.losses import Batch, causal_lm_loss  # noqa: E402
 from herd.train.metrics import read_metrics  # noqa: E402
+from herd.train.sources import StepSource  # noqa: E402
 
 
-class FixedBatches:
+class FixedBatches(StepSource):
     """The same batch every step (throughput only)."""
 
     def __init__(self, batch: Batch):
-        self.batch, self.step = batch, 0
+        self.fixed = batch
 
-    def __next__(self) -> Batch:
-        self.step += 1
-        return self.batch
-
-    def state_dict(self):
-        return {"step": self.step}
-
-    def load_state_dict(self, state):
-        self.step = state["step"]
+    def batch(self, step: int) -> Batch:
+        return self.fixed
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from transformers import Llama4ForCausalLM
-
+    args = throughput_args(__doc__, steps=4)
     torch.manual_seed(0)
     cfg = benchmark_config()
     herd_model = Llama4(cfg)
     ids = torch.randint(0, cfg.text.vocab_size, (BATCH, SEQ + 1))
     batch = Batch(input_ids=ids[:, :-1], labels=ids[:, 1:])
     tokens = BATCH * SEQ
+    hf_model = hf_twin(herd_model).train()
     with tempfile.TemporaryDirectory() as tmp:
-        herd_model.save_pretrained(Path(tmp) / "init")
-        hf_model = Llama4ForCausalLM.from_pretrained(Path(tmp) / "init", attn_implementation="sdpa").train()
         peak = matmul_peak_flops()
 
         # herd: the training loop itself; per-step throughput from its metrics, first step dropped
