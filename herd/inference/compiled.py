@@ -26,7 +26,7 @@ import weakref
 
 import torch
 
-from ..model.attention import TokenLayout, attention_mask
+from ..model.attention import TokenLayout
 from .cache import StaticKVCache
 from .fast import FEW_TOKENS
 
@@ -49,7 +49,6 @@ class _StepView:
 
 def _step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor,
           index: torch.Tensor) -> torch.Tensor:
-    chunk = model.config.text.attention_chunk_size
     ring_index = index % cache.ring_size
     # Record the new token (document 0, like every real prompt token) in both position tables.
     cache.full_pos.index_copy_(1, index, positions)
@@ -57,10 +56,8 @@ def _step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Te
     cache.ring_pos.index_copy_(1, ring_index, positions)
     cache.ring_doc.index_fill_(1, ring_index, 0)
     layout = TokenLayout(positions)
+    # One key layout per kind for every layer, so each kind's mask is built once (dense_mask's memo).
     ring, full = TokenLayout(cache.ring_pos, cache.ring_doc), TokenLayout(cache.full_pos, cache.full_doc)
-    # The masks every layer of a kind reuses, put in the memo the attention layers consult.
-    layout.masks[("dense", chunk)] = (weakref.ref(ring), attention_mask(layout, ring, chunk))
-    layout.masks[("dense", None)] = (weakref.ref(full), attention_mask(layout, full, None))
     view = _StepView(cache, index, ring_index, ring, full)
     out = model(input_ids=tokens[:, None], layout=layout, cache=view, logits_to_keep=1)
     return out.logits[:, -1].float()

@@ -64,9 +64,15 @@ def attention_mask(q: TokenLayout, k: TokenLayout, chunk_size: int | None) -> to
         q_doc = q.documents if q.documents is not None else torch.zeros_like(q.positions)
         k_doc = k.documents if k.documents is not None else torch.zeros_like(k.positions)
         mask = mask & (k_doc[:, None, :] == q_doc[:, :, None])
-    if chunk_size is not None:  # same chunk; with k <= q that is k >= the first position of q's chunk
-        mask = mask & (k_pos >= q_pos - q_pos % chunk_size)  # (one division per query, not per pair)
+    if chunk_size is not None:
+        mask = mask & in_chunk_of(k_pos, q_pos, chunk_size)
     return mask[:, None]
+
+
+def in_chunk_of(k_pos: torch.Tensor, q_pos: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """For keys no later than the query: same chunk means k >= the first position of q's chunk
+    (one division per query rather than one per (query, key) pair)."""
+    return k_pos >= q_pos - q_pos % chunk_size
 
 
 def _visible(q: TokenLayout, k: TokenLayout, chunk_size: int | None):
@@ -78,7 +84,7 @@ def _visible(q: TokenLayout, k: TokenLayout, chunk_size: int | None):
     def mask_mod(b, h, qi, ki):
         seen = (k_pos[b, ki] <= q_pos[b, qi]) & (k_doc[b, ki] == q_doc[b, qi])
         if chunk_size is not None:
-            seen = seen & (k_pos[b, ki] // chunk_size == q_pos[b, qi] // chunk_size)
+            seen = seen & in_chunk_of(k_pos[b, ki], q_pos[b, qi], chunk_size)
         return seen
 
     return mask_mod
