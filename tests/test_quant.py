@@ -11,6 +11,7 @@ from herd.inference import generate
 from herd.model import Llama4
 from herd.quant import QuantExperts, quantize_
 from herd.quant.fp8 import Fp8Weight
+from herd.quant.cpu_kernels import int4_kernel
 from herd.quant.int4 import Int4Weight
 from herd.quant.int8 import Int8Weight
 from tests.hf_reference import hf_config_dict, randomize_
@@ -37,7 +38,7 @@ def rel_error(a, b):
 ])
 def test_weight_formats(make, weight_error):
     """Rounding error of the stored weight is small, and the kernel computes x @ dequant(W).T
-    (up to the bf16 rounding of activations)."""
+    (up to the rounding of activations: to bf16, or to int8 in herd's int4 kernel)."""
     g = torch.Generator().manual_seed(0)
     w, x = torch.randn(64, 128, generator=g), torch.randn(3, 5, 128, generator=g)
     q = make(w)
@@ -57,6 +58,32 @@ def test_stacked_expert_weights_equal_one_matrix_each(make):
     stacked = make(w)
     for e in range(3):
         torch.testing.assert_close(stacked(x, e), make(w[e])(x))
+
+
+def test_herd_int4_kernel_does_its_arithmetic():
+    """herd's int4 CPU kernel computes x @ dequant(W).T with x rounded to int8, one scale per 32
+    inputs: checked against that arithmetic written in PyTorch, for stacked experts, a group of 64,
+    several rows and an N that the kernel pads (48 -> 64)."""
+    if int4_kernel() is None:
+        pytest.skip("herd's int4 kernel needs an x86 CPU with AVX-512 VNNI and a C++ compiler")
+    g = torch.Generator().manual_seed(4)
+    w, x = torch.randn(2, 48, 128, generator=g), torch.randn(5, 128, generator=g)
+    q = Int4Weight.from_float(w, 64)
+    assert q.prepare_kernel()[0] == "herd"
+    blocks = x.view(5, 4, 32)
+    scale = blocks.abs().amax(-1, keepdim=True) / 127
+    x8 = (torch.round(blocks / scale) * scale).view(5, 128)
+    for e in range(2):
+        torch.testing.assert_close(q(x, e), x8 @ q.dequantize(e).T, rtol=1e-4, atol=1e-4)
+
+
+def test_int4_pytorch_kernel_where_herd_has_none(monkeypatch):
+    """Without herd's kernel (CPUs without VNNI), int4 layers run PyTorch's."""
+    monkeypatch.setattr("herd.quant.int4.int4_kernel", lambda: None)
+    w, x = torch.randn(48, 128, generator=torch.Generator().manual_seed(5)), torch.randn(3, 128)
+    q = Int4Weight.from_float(w, 32)
+    assert q.prepare_kernel()[0] == "aten"
+    assert rel_error(q(x), F.linear(x, q.dequantize())) < 0.01
 
 
 def test_int4_groups_and_fallback():

@@ -5,10 +5,14 @@ q in [0, 15], the form PyTorch's CPU kernel `torch._weight_int4pack_mm_for_cpu` 
 levels need small groups (32 by default) to keep the error tolerable.
 
 Checkpoints store q as two nibbles per byte (column 2j in the low nibble, 2j + 1 in the high one),
-a portable layout. The kernel wants its own tiled packing, which depends on the torch build, so it is
-made from the portable copy on the first CPU call and kept beside it (on CPU an int4 layer therefore
-holds its weight twice: the saved form and the kernel form). Shapes the kernel does not take (group
-not 32/64/128/256, N not a multiple of 16) and other devices dequantize instead.
+a portable layout. CPU kernels want their own packing, made from the portable copy on the first CPU
+call and kept beside it (on CPU an int4 layer therefore holds its weight twice: the saved form and
+the kernel's form). Two kernels, picked per layer then:
+- herd's own (herd/quant/int4_cpu.cpp, built on first use by cpu_kernels.py) on CPUs with AVX-512
+  VNNI: int8 activations times int4 weights, several times faster than PyTorch's at batch 1;
+- otherwise PyTorch's `torch._weight_int4pack_mm_for_cpu` (bf16 activations).
+Shapes neither takes (group not a multiple of 32, or without herd's kernel not 32/64/128/256 or N
+not a multiple of 16) and other devices dequantize.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .cpu_kernels import int4_kernel, pack_int4, takes_int4
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 
@@ -75,18 +81,24 @@ class Int4Weight(nn.Module):
         zero = pick(self.zero).repeat_interleave(self.group_size, dim=-1)
         return (q - 8) * scale + zero
 
-    def prepare_kernel(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The CPU kernel's tiled weight and bf16 scales+zeros [(E,) G, N, 2], made once and kept;
-        None where the kernel does not take this shape."""
+    def prepare_kernel(self) -> tuple | None:
+        """The CPU kernel's operands, made once and kept: ("herd", packed, scales, offsets) for herd's
+        kernel (any N) or ("aten", tiled weight, bf16 scales+zeros [(E,) G, N, 2]) for PyTorch's (N a
+        multiple of 16); None where neither takes this shape."""
         if self._kernel is not None:
             return self._kernel
-        if self.group_size not in KERNEL_GROUPS or self.qweight.shape[-2] % 16 or self.qweight.device.type != "cpu":
+        if self.qweight.device.type != "cpu":
             return None
-        q = _unpack_nibbles(self.qweight).to(torch.int32)
-        tile = lambda w: torch.ops.aten._convert_weight_to_int4pack_for_cpu(w, 1)  # noqa: E731
+        q = _unpack_nibbles(self.qweight)
+        if takes_int4(self.group_size) and int4_kernel() is not None:
+            self._kernel = ("herd", *pack_int4(q, self.scale, self.zero))
+            return self._kernel
+        if self.group_size not in KERNEL_GROUPS or q.shape[-2] % 16:
+            return None
+        tile = lambda w: torch.ops.aten._convert_weight_to_int4pack_for_cpu(w.to(torch.int32), 1)  # noqa: E731
         tiled = tile(q) if q.ndim == 2 else torch.stack([tile(w) for w in q])
         scales_zeros = torch.stack([self.scale.transpose(-1, -2), self.zero.transpose(-1, -2)], dim=-1)
-        self._kernel = (tiled, scales_zeros.to(torch.bfloat16).contiguous())
+        self._kernel = ("aten", tiled, scales_zeros.to(torch.bfloat16).contiguous())
         return self._kernel
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
@@ -94,12 +106,16 @@ class Int4Weight(nn.Module):
         if kernel is None:
             return F.linear(x, self.dequantize(expert).to(x.dtype))
         # Decoding calls this dozens of times a token: nothing here but the kernel and two casts.
-        tiled, scales_zeros = kernel
+        which, *operands = kernel
         if expert is not None:
-            tiled, scales_zeros = tiled[expert], scales_zeros[expert]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), tiled,
-                                                       self.group_size, scales_zeros)
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+            operands = [t[expert] for t in operands]
+        rows = x.reshape(-1, x.shape[-1])
+        if which == "herd":
+            y = torch.ops.herd.int4_mm(rows.float(), *operands, self.group_size)[:, :self.qweight.shape[-2]]
+        else:
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), operands[0], self.group_size,
+                                                           operands[1])
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._kernel = None  # new weights: repack on the next call
