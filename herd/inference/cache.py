@@ -27,11 +27,13 @@ EMPTY = -2  # document id of a slot nothing was written to: matches no query
 
 
 class _Slots:
-    """Keys and values of one layer: [B, capacity, K, Dh] each."""
+    """Keys and values of one layer: [B, capacity, K, Dh] each, as views of head-major storage
+    [B, K, capacity, Dh]. Attention reads them head by head (keys as a [capacity, Dh] matrix per row
+    and KV head), which this layout serves without copying the cache every step."""
 
     def __init__(self, batch: int, capacity: int, kv_heads: int, head_dim: int, dtype, device):
-        self.k = torch.zeros(batch, capacity, kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+        self.k = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device).transpose(1, 2)
+        self.v = torch.zeros(batch, kv_heads, capacity, head_dim, dtype=dtype, device=device).transpose(1, 2)
 
 
 class StaticKVCache:
