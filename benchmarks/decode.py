@@ -48,6 +48,24 @@ def active_weight_bytes(model: Llama4) -> int:
     return total
 
 
+def batch_step_bytes(model: Llama4, batch: torch.Tensor) -> float:
+    """Bytes of weights one decoding step of the whole batch reads: what one token reads, plus every
+    further expert the batch's tokens are routed to. Counted from the routing of `batch` [B, T]:
+    the distinct experts among the B rows at each position, averaged over positions."""
+    t = model.config.text
+    with torch.no_grad():
+        routes = model(batch).router  # one RouterStats per MoE layer
+    expert_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".experts." in n)
+    per_expert = expert_bytes / len(routes) / t.num_local_experts
+    B, T = batch.shape
+    extra = 0.0
+    for stats in routes:
+        chosen = stats.top_experts.view(B, T, -1).transpose(0, 1).flatten(1)  # [T, B * k]
+        distinct = torch.tensor([row.unique().numel() for row in chosen], dtype=torch.float).mean().item()
+        extra += (distinct - t.num_experts_per_tok) * per_expert
+    return active_weight_bytes(model) + extra
+
+
 def read_bandwidth(mb: int = 256, repeats: int = 5) -> float:
     """Bytes per second of a sum over a tensor much larger than the caches."""
     x = torch.ones(mb * 2**20 // 4)
@@ -159,15 +177,20 @@ def main():
         note = f"herd {fp32 / hf_tps:.1f}x faster" + (f", compiled {best['fp32 compiled'] / hf_tps:.1f}x" if compiled else "")
         rows.append((f"transformers {transformers.__version__} fp32, batch 1", hf_tps,
                      f"{note}; same greedy tokens: {same_tokens}"))
-    # Batching is free only while a step is bound by reading weights. Here 16 rows reach most of the
-    # 8 experts, and their matmuls (2 FLOPs per active weight per row) have a floor set by the
-    # machine's matmul peak measured with the same threads.
+    # Batching is free only while a step is bound by reading weights, and an MoE step of 16 rows
+    # reads more: its rows are routed to most of the experts. Two ceilings for the batch, from this
+    # run's measurements: the memory roofline for the bytes the batch's routing reads, and the
+    # machine's matmul peak (same threads) for its FLOPs (2 per active weight per row).
+    step_bytes = batch_step_bytes(model, batch)
+    memory_ceiling = args.batch * bw / step_bytes
     peak = measure_matmul_peak(size=1024, repeats=10)
-    at_peak = peak / (2 * active / 4)  # aggregate tokens/s if every FLOP ran at peak (fp32 weights)
+    compute_ceiling = peak / (2 * active / 4)  # aggregate tokens/s if every FLOP ran at peak (fp32 weights)
     b16 = best["batch"]
     rows.append((f"herd fp32, batch {args.batch} (aggregate)", b16,
                  f"{b16 / fp32:.1f}x batch 1" + (f", {b16 / best['fp32 compiled']:.1f}x compiled batch 1" if compiled else "")
-                 + f"; matmuls at peak ({peak / 1e9:.0f} GFLOP/s) would give {at_peak:.0f}"))
+                 + f"; ceilings: reading its {step_bytes / 2**20:.0f} MiB/step {memory_ceiling:.0f} "
+                 f"(= {memory_ceiling / (bw / active):.1f}x the batch-1 roofline), matmuls at peak "
+                 f"({peak / 1e9:.0f} GFLOP/s) {compute_ceiling:.0f}"))
     for m, q in quant.items():
         q_bytes = active_weight_bytes(q)
         rows.append((f"herd {m}, batch 1", best[m],

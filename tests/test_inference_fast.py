@@ -50,7 +50,8 @@ def test_fast_logits_equal_plain(method):
 
 @pytest.mark.parametrize("method", [None, "int8", "int4"])
 def test_fast_greedy_tokens_equal_plain(method):
-    """Batch 1 (the few-token MoE path) and batch 3 (the grouped path), with a selection bias."""
+    """Batch 1 (the few-token MoE path) and batch 3 (the grouped path), with a selection bias:
+    the same tokens in full precision; quantized, tokens the plain model would choose too."""
     model, fast = twins(method)
     bias = torch.tensor([0.0, 0.3, -0.2, 0.1])
     for m in (model, fast):
@@ -59,8 +60,17 @@ def test_fast_greedy_tokens_equal_plain(method):
                 layer.feed_forward.selection_bias = bias
     for rows in (random_rows([9], seed=2), random_rows([7, 7, 7], seed=4)):
         ids = torch.tensor(rows)
-        assert torch.equal(generate(fast, ids, 12, temperature=0.0, stop_token_ids=[]),
-                           generate(model, ids, 12, temperature=0.0, stop_token_ids=[]))
+        out = generate(fast, ids, 12, temperature=0.0, stop_token_ids=[])
+        if method is None:
+            assert torch.equal(out, generate(model, ids, 12, temperature=0.0, stop_token_ids=[]))
+            continue
+        # Quantized kernels round activations (to int8 in herd's kernels), so a 1e-6 difference
+        # between the two paths can cross a rounding boundary and part them at a near tie. Each
+        # token the prepared model chose must still be a greedy choice of the plain model.
+        with torch.no_grad():
+            logits = model(out).logits[:, ids.shape[1] - 1:-1]
+        chosen = logits.gather(-1, out[:, ids.shape[1]:, None])[..., 0]
+        assert (logits.amax(-1) - chosen).max() < 1e-3
 
 
 def test_gathered_experts_equal_the_dense_reference():

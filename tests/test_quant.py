@@ -11,7 +11,7 @@ from herd.inference import generate
 from herd.model import Llama4
 from herd.quant import QuantExperts, quantize_
 from herd.quant.fp8 import Fp8Weight
-from herd.quant.cpu_kernels import int4_kernel
+from herd.quant.cpu_kernels import lowbit_kernel
 from herd.quant.int4 import Int4Weight
 from herd.quant.int8 import Int8Weight
 from tests.hf_reference import hf_config_dict, randomize_
@@ -60,15 +60,16 @@ def test_stacked_expert_weights_equal_one_matrix_each(make):
         torch.testing.assert_close(stacked(x, e), make(w[e])(x))
 
 
-def test_herd_int4_kernel_does_its_arithmetic():
-    """herd's int4 CPU kernel computes x @ dequant(W).T with x rounded to int8, one scale per 32
-    inputs: checked against that arithmetic written in PyTorch, for stacked experts, a group of 64,
-    several rows and an N that the kernel pads (48 -> 64)."""
-    if int4_kernel() is None:
-        pytest.skip("herd's int4 kernel needs an x86 CPU with AVX-512 VNNI and a C++ compiler")
+@pytest.mark.parametrize("make", [lambda w: Int4Weight.from_float(w, 64), Int8Weight.from_float])
+def test_herd_lowbit_kernel_does_its_arithmetic(make):
+    """herd's int4/int8 CPU kernel computes x @ dequant(W).T with x rounded to int8, one scale per
+    32 inputs: checked against that arithmetic written in PyTorch, for stacked experts, several rows
+    and an N that the kernel pads (48 -> 64 for int4's blocks of 32, a multiple of int8's 16)."""
+    if lowbit_kernel() is None:
+        pytest.skip("herd's low-bit kernel needs an x86 CPU with AVX-512 VNNI and a C++ compiler")
     g = torch.Generator().manual_seed(4)
     w, x = torch.randn(2, 48, 128, generator=g), torch.randn(5, 128, generator=g)
-    q = Int4Weight.from_float(w, 64)
+    q = make(w)
     assert q.prepare_kernel()[0] == "herd"
     blocks = x.view(5, 4, 32)
     scale = blocks.abs().amax(-1, keepdim=True) / 127
@@ -77,11 +78,12 @@ def test_herd_int4_kernel_does_its_arithmetic():
         torch.testing.assert_close(q(x, e), x8 @ q.dequantize(e).T, rtol=1e-4, atol=1e-4)
 
 
-def test_int4_pytorch_kernel_where_herd_has_none(monkeypatch):
-    """Without herd's kernel (CPUs without VNNI), int4 layers run PyTorch's."""
-    monkeypatch.setattr("herd.quant.int4.int4_kernel", lambda: None)
+@pytest.mark.parametrize("method", ["int4", "int8"])
+def test_pytorch_kernels_where_herd_has_none(monkeypatch, method):
+    """Without herd's kernel (CPUs without VNNI), int4 and int8 layers run PyTorch's."""
+    monkeypatch.setattr(f"herd.quant.{method}.lowbit_kernel", lambda: None)
     w, x = torch.randn(48, 128, generator=torch.Generator().manual_seed(5)), torch.randn(3, 128)
-    q = Int4Weight.from_float(w, 32)
+    q = Int4Weight.from_float(w, 32) if method == "int4" else Int8Weight.from_float(w)
     assert q.prepare_kernel()[0] == "aten"
     assert rel_error(q(x), F.linear(x, q.dequantize())) < 0.01
 

@@ -1,10 +1,11 @@
-"""herd's own C++ CPU kernels, built on first use: `int4_kernel()` gives `torch.ops.herd.int4_mm`
-(herd/quant/int4_cpu.cpp, why it exists is written there) or None where it cannot run.
+"""herd's own C++ CPU kernel for int4 and int8 weights, built on first use: `lowbit_kernel()` gives
+`torch.ops.herd.lowbit_mm` (herd/quant/lowbit_cpu.cpp, which says why it exists) or None where it
+cannot run; `pack_int4` / `pack_int8` make its operands from the portable stored forms.
 
 It runs on x86 CPUs with AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4). The first call in
 a process compiles it with `torch.utils.cpp_extension` (a C++ compiler and ninja, about 10 s; cached
 under ~/.cache/torch_extensions after that). Where the CPU lacks VNNI, the build fails, or the
-environment sets HERD_CPU_KERNELS=0, int4 layers use PyTorch's own kernel instead; nothing is
+environment sets HERD_CPU_KERNELS=0, quantized layers use PyTorch's own kernels instead; nothing is
 probed at import time.
 """
 
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-SOURCE = Path(__file__).with_name("int4_cpu.cpp")
+SOURCE = Path(__file__).with_name("lowbit_cpu.cpp")
 CPU_FLAGS = {"avx512f", "avx512bw", "avx512_vnni"}  # what the kernel is compiled for (-mavx512vnni etc.)
-PACK_COLS, PACK_STEP, X_BLOCK = 32, 4, 32  # the packed layout's constants (see int4_cpu.cpp)
+STEP, X_BLOCK = 4, 32  # inputs per byte group of a dot product; inputs per activation scale
+BLOCK_COLS = {4: 32, 8: 16}  # output columns per packed block, by bits
 
 
 def _cpu_flags() -> set[str]:
@@ -33,52 +35,62 @@ def _cpu_flags() -> set[str]:
 
 
 @functools.cache
-def int4_kernel():
-    """`torch.ops.herd.int4_mm`, built and loaded on the first call; None where it cannot run (the
-    reason is warned once)."""
-    if os.environ.get("HERD_CPU_KERNELS", "1") == "0":
-        return None
-    if not CPU_FLAGS <= _cpu_flags():
+def lowbit_kernel():
+    """`torch.ops.herd.lowbit_mm`, built and loaded on the first call; None where it cannot run (a
+    failed build is warned once)."""
+    if os.environ.get("HERD_CPU_KERNELS", "1") == "0" or not CPU_FLAGS <= _cpu_flags():
         return None
     from torch.utils.cpp_extension import load
 
     try:
-        load("herd_int4_cpu", [str(SOURCE)], extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni"],
+        load("herd_lowbit_cpu", [str(SOURCE)], extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni"],
              is_python_module=False)
     except Exception as e:  # no compiler, no ninja, ...: fall back, but say why
-        warnings.warn(f"herd's int4 CPU kernel did not build ({type(e).__name__}: {str(e)[:200]}); int4 layers "
-                      "use PyTorch's slower kernel", stacklevel=2)
+        warnings.warn(f"herd's low-bit CPU kernel did not build ({type(e).__name__}: {str(e)[:200]}); int4/int8 "
+                      "layers use PyTorch's slower kernels", stacklevel=2)
         return None
-    op = torch.ops.herd.int4_mm
 
-    @torch.library.register_fake("herd::int4_mm")
-    def _(x, packed, scale, offset, group):  # shapes for torch.compile
-        return x.new_empty(x.shape[0], packed.shape[0] * PACK_COLS)
+    @torch.library.register_fake("herd::lowbit_mm")
+    def _(x, packed, scale, offset, group, bits):  # output shape, for torch.compile
+        return x.new_empty(x.shape[0], packed.shape[0] * BLOCK_COLS[bits])
 
-    return op
+    return torch.ops.herd.lowbit_mm
 
 
-def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The kernel's operands from int4 values q [(E,) N, K] (uint8 in 0..15) with w = (q - 8) * scale
-    + zero per group: packed [(E,) N'/32, K/4, 64] uint8 and scales and offsets [(E,) N'/32, G, 32]
-    (the offset folds in the -8: w = q * scale + offset). N' is N rounded up to 32 with zero weights;
-    the kernel's extra outputs are zeros to slice off."""
-    *lead, N, K = q.shape
-    pad = -N % PACK_COLS
-    offset = zero - 8 * scale
+def takes(K: int, group: int) -> bool:
+    """Whether the kernel takes a weight with K inputs and this group size (any number of outputs)."""
+    return group % X_BLOCK == 0 and K % group == 0
+
+
+def _pack(u: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, bits: int) -> tuple[torch.Tensor, ...]:
+    """u [(E,) N, K] unsigned values (0..15 or 0..255), scale and offset [(E,) N, G] -> packed
+    [(E,) N'/cols, K/4, 64] uint8, scales and offsets [(E,) N'/cols, G, cols]. N' is N rounded up to
+    the block with zero weights: the kernel's extra outputs are zeros to slice off."""
+    *lead, N, K = u.shape
+    cols = BLOCK_COLS[bits]
+    pad = -N % cols
     if pad:
-        q, scale, offset = (F.pad(t, (0, 0, 0, pad)) for t in (q, scale, offset))
-    blocks = (N + pad) // PACK_COLS
-    half = q.reshape(*lead, blocks, 2, PACK_COLS // 2, K // PACK_STEP, PACK_STEP)  # [.., b, nibble, j, s, t]
-    packed = (half[..., 0, :, :, :] | (half[..., 1, :, :, :] << 4)).transpose(-3, -2)  # [.., b, s, j, t]
-    packed = packed.reshape(*lead, blocks, K // PACK_STEP, 16 * PACK_STEP).contiguous()
+        u, scale, offset = (F.pad(t, (0, 0, 0, pad)) for t in (u, scale, offset))
+    blocks = (N + pad) // cols
+    if bits == 4:  # column j in the low nibble, column 16 + j in the high one
+        halves = u.reshape(*lead, blocks, 2, 16, K)
+        u = halves[..., 0, :, :] | (halves[..., 1, :, :] << 4)  # [.., blocks, 16, K]
+    steps = u.reshape(*lead, blocks, 16, K // STEP, STEP).transpose(-3, -2)  # [.., blocks, K/4, 16, 4]
+    packed = steps.reshape(*lead, blocks, K // STEP, 16 * STEP).to(torch.uint8).contiguous()
 
-    def per_block(t):  # [(E,) N', G] -> [(E,) N'/32, G, 32]
-        return t.float().reshape(*lead, blocks, PACK_COLS, -1).transpose(-1, -2).contiguous()
+    def per_block(t):  # [(E,) N', G] -> [(E,) N'/cols, G, cols]
+        return t.float().reshape(*lead, blocks, cols, -1).transpose(-1, -2).contiguous()
 
     return packed, per_block(scale), per_block(offset)
 
 
-def takes_int4(group: int) -> bool:
-    """Whether the kernel takes int4 weights with this group size (any N; K a multiple of the group)."""
-    return group % X_BLOCK == 0
+def pack_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Operands for int4 values q [(E,) N, K] (0..15) with w = (q - 8) * scale + zero per group."""
+    return _pack(q, scale, zero - 8 * scale, bits=4)
+
+
+def pack_int8(q: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Operands for int8 values q [(E,) N, K] (-127..127) with w = q * scale per row: stored as q + 128,
+    so the offset is -128 * scale, one group per row."""
+    u = (q.to(torch.int16) + 128).to(torch.uint8)
+    return _pack(u, scale[..., None], -128 * scale[..., None], bits=8)

@@ -8,7 +8,7 @@ Checkpoints store q as two nibbles per byte (column 2j in the low nibble, 2j + 1
 a portable layout. CPU kernels want their own packing, made from the portable copy on the first CPU
 call and kept beside it (on CPU an int4 layer therefore holds its weight twice: the saved form and
 the kernel's form). Two kernels, picked per layer then:
-- herd's own (herd/quant/int4_cpu.cpp, built on first use by cpu_kernels.py) on CPUs with AVX-512
+- herd's own (herd/quant/lowbit_cpu.cpp, built on first use by cpu_kernels.py) on CPUs with AVX-512
   VNNI: int8 activations times int4 weights, several times faster than PyTorch's at batch 1;
 - otherwise PyTorch's `torch._weight_int4pack_mm_for_cpu` (bf16 activations).
 Shapes neither takes (group not a multiple of 32, or without herd's kernel not 32/64/128/256 or N
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import int4_kernel, pack_int4, takes_int4
+from .cpu_kernels import lowbit_kernel, pack_int4, takes
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 
@@ -90,7 +90,7 @@ class Int4Weight(nn.Module):
         if self.qweight.device.type != "cpu":
             return None
         q = _unpack_nibbles(self.qweight)
-        if takes_int4(self.group_size) and int4_kernel() is not None:
+        if takes(q.shape[-1], self.group_size) and lowbit_kernel() is not None:
             self._kernel = ("herd", *pack_int4(q, self.scale, self.zero))
             return self._kernel
         if self.group_size not in KERNEL_GROUPS or q.shape[-2] % 16:
@@ -111,7 +111,7 @@ class Int4Weight(nn.Module):
             operands = [t[expert] for t in operands]
         rows = x.reshape(-1, x.shape[-1])
         if which == "herd":
-            y = torch.ops.herd.int4_mm(rows.float(), *operands, self.group_size)[:, :self.qweight.shape[-2]]
+            y = torch.ops.herd.lowbit_mm(rows.float(), *operands, self.group_size, 4)[:, :self.qweight.shape[-2]]
         else:
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), operands[0], self.group_size,
                                                            operands[1])

@@ -1,9 +1,12 @@
 """int8 weight-only quantization: one symmetric scale per output row.
 
 w ~ q * scale with q in [-127, 127] and scale = max|w_row| / 127. A row is the natural group for
-int8 (256 levels keep the rounding error small) and it is what PyTorch's CPU kernel
-`torch._weight_int8pack_mm` takes; that kernel is fast only with bf16 activations, so activations are
-rounded to bf16 for the matmul and the result is cast back.
+int8 (256 levels keep the rounding error small). Two CPU kernels, picked on the first call:
+- herd's own (herd/quant/lowbit_cpu.cpp, via cpu_kernels.py) on CPUs with AVX-512 VNNI: int8
+  activations (one scale per 32 inputs) times the int8 weights; it needs K a multiple of 32 and keeps
+  a packed copy of the weight beside the saved one;
+- otherwise PyTorch's `torch._weight_int8pack_mm`, which is fast only with bf16 activations, so
+  activations are rounded to bf16 for the matmul and the result is cast back.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .cpu_kernels import lowbit_kernel, pack_int8, takes
 from .rowwise import RowwiseWeight
 
 
@@ -21,27 +25,37 @@ class Int8Weight(RowwiseWeight):
 
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         super().__init__(qweight, scale)
-        self._scale_bf16: torch.Tensor | None = None  # the kernel's copy of the scales (prepare_kernel)
+        self._kernel: tuple | None = None  # the CPU kernel's operands (prepare_kernel)
 
     @staticmethod
     def encode(scaled: torch.Tensor) -> torch.Tensor:
         return torch.round(scaled).clamp(-127, 127).to(torch.int8)
 
-    def prepare_kernel(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The CPU kernel's inputs: the int8 weight and bf16 scales (made once, kept)."""
-        if self._scale_bf16 is None or self._scale_bf16.device != self.scale.device:
-            self._scale_bf16 = self.scale.to(torch.bfloat16)
-        return self.qweight, self._scale_bf16
+    def prepare_kernel(self) -> tuple:
+        """The CPU kernel's operands, made once and kept: ("herd", packed, scales, offsets) for herd's
+        kernel, or ("aten", the int8 weight, bf16 scales) for PyTorch's."""
+        if self._kernel is None or self._kernel[-1].device != self.scale.device:
+            K = self.qweight.shape[-1]
+            if self.scale.device.type == "cpu" and takes(K, K) and lowbit_kernel() is not None:
+                self._kernel = ("herd", *pack_int8(self.qweight, self.scale))
+            else:
+                self._kernel = ("aten", self.qweight, self.scale.to(torch.bfloat16))
+        return self._kernel
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         if x.device.type != "cpu":  # no portable int8 GEMM: dequantize (correct, not fast)
             return F.linear(x, self.dequantize(expert).to(x.dtype))
-        qweight, scale = self.prepare_kernel()
+        which, *operands = self.prepare_kernel()
         if expert is not None:
-            qweight, scale = qweight[expert], scale[expert]
-        y = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).to(torch.bfloat16), qweight, scale)
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+            operands = [t[expert] for t in operands]
+        rows = x.reshape(-1, x.shape[-1])
+        if which == "herd":
+            K = x.shape[-1]
+            y = torch.ops.herd.lowbit_mm(rows.float(), *operands, K, 8)[:, :self.qweight.shape[-2]]
+        else:
+            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), *operands)
+        return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._scale_bf16 = None  # new scales: convert again on the next call
+        self._kernel = None  # new weights: pack again on the next call
         super()._load_from_state_dict(*args, **kwargs)
