@@ -16,7 +16,9 @@ machine shared with other jobs a second OpenMP thread that loses its core stalls
 herd's rows decode with the model prepared by `herd.inference.prepare_for_decoding` (fused
 projections, blocked weights, the few-token MoE; what `herd generate/chat` use), eagerly or, in the
 "compiled step" rows, with `generate(..., compile=True)` (`herd generate/chat --compile`), unless the
-row says "as trained" (the model's own modules, the slow twin).
+row says "as trained" (the model's own modules, the slow twin). Compiling the batch-16 int4 step
+takes about 3 minutes (its MoE runs each of the 16 (row, expert) pairs separately); --skip-compile
+leaves all compiled rows out.
 """
 
 from __future__ import annotations
@@ -150,6 +152,8 @@ def main():
     if not args.skip_compile:
         runs |= {f"{m} compiled": herd_run(q, prompt, args.new, compile=True)
                  for m, q in (("fp32", fast), *quant.items())}
+        runs |= {"batch compiled": herd_run(fast, batch, args.new, compile=True),
+                 "int4 batch compiled": herd_run(quant["int4"], batch, args.new, compile=True)}
     if not args.skip_hf:
         import transformers
 
@@ -191,6 +195,10 @@ def main():
                  + f"; ceilings: reading its {step_bytes / 2**20:.0f} MiB/step {memory_ceiling:.0f} "
                  f"(= {memory_ceiling / (bw / active):.1f}x the batch-1 roofline), matmuls at peak "
                  f"({peak / 1e9:.0f} GFLOP/s) {compute_ceiling:.0f}"))
+    if compiled:
+        rows.append((f"herd fp32, batch {args.batch}, compiled step", best["batch compiled"],
+                     f"{best['batch compiled'] / best['fp32 compiled']:.1f}x compiled batch 1; "
+                     f"{best['batch compiled'] / b16:.2f}x eager batch {args.batch}"))
     for m, q in quant.items():
         q_bytes = active_weight_bytes(q)
         rows.append((f"herd {m}, batch 1", best[m],
@@ -199,6 +207,10 @@ def main():
             rows.append((f"herd {m}, batch 1, compiled step", best[f"{m} compiled"],
                          f"{best[f'{m} compiled'] / best['fp32 compiled']:.2f}x fp32 compiled; "
                          f"{roofline(f'{m} compiled', q_bytes)}"))
+    if compiled:
+        rows.append((f"herd int4, batch {args.batch}, compiled step", best["int4 batch compiled"],
+                     f"{best['int4 batch compiled'] / best['int4 compiled']:.1f}x int4 compiled batch 1, "
+                     f"{best['int4 batch compiled'] / best['fp32 compiled']:.1f}x fp32 compiled batch 1"))
 
     print(f"{len(runs)} settings, best of {args.repeats} interleaved rounds: {seconds:.0f} s")
     print(f"read bandwidth {bw / 1e9:.1f} GB/s; fp32 active weights {active / 2**20:.1f} MiB/token "

@@ -102,16 +102,15 @@ def test_blocked_matmul_equals_linear(out_features):
 
 
 def test_compiled_step_gives_the_eager_tokens():
-    """The compile test (about 40 s on CPU): a left-padded batch past a chunk boundary, a second
-    prompt length that reuses the graph (cache sizes are rounded up), int8 and int4 copies (int4 runs
+    """The compile test (about 60 s on CPU): a left-padded batch past a chunk boundary, a second
+    prompt length that reuses the graph (cache sizes are rounded up), a batch of more (token,
+    expert) pairs than the few-token MoE takes, int8 and int4 copies (int4 runs
     herd's own CPU kernel where it builds) and a deep copy of the same model, which must each get
     their own graph (its guards skip the modules: a shared graph would run the first model's code
     or weights on them)."""
     model, fast = twins()
     with pytest.raises(ValueError, match="prepare_for_decoding"):
         generate(model, torch.tensor([[5, 6]]), 2, compile=True)
-    with pytest.raises(ValueError, match="pairs per step"):
-        generate(fast, torch.ones(3, 2, dtype=torch.long), 2, compile=True)  # 3 rows x top-2
     int8, int4 = (prepare_for_decoding(quantize_(copy.deepcopy(model), m)) for m in ("int8", "int4"))
     ids, mask = pad_prompts(random_rows([6, 3], seed=6), pad_id=0)
 
@@ -125,6 +124,11 @@ def test_compiled_step_gives_the_eager_tokens():
     check(fast, 0)
     check(fast, 1)
     check(int8)
+    check(int4)
+    # 3 rows x top-2: more (token, expert) pairs than the few-token path takes, so full-precision
+    # experts are gathered inside the graph and quantized ones loop over the pairs.
+    ids, mask = pad_prompts(random_rows([5, 2, 4], seed=7), pad_id=0)
+    check(fast)
     check(int4)
     # A deep copy with other weights (after the original compiled) decodes with its own weights.
     other = copy.deepcopy(fast)

@@ -11,12 +11,15 @@ the step differs from the eager one in two ways, neither of which changes what a
   the same graph at every position;
 - global layers attend to their whole preallocated buffer, unwritten slots being hidden by the
   cache's EMPTY document (eager decoding slices the written part instead).
-The MoE reads the chosen expert ids as graph-internal scalars (`capture_scalar_outputs`), so
-experts are read in place from their stacked weights. Prefill stays eager (its pieces vary in length).
+The MoE needs no data-dependent split either: up to FEW_TOKENS (token, expert) pairs (batch 1) it
+reads the chosen expert ids as graph-internal scalars (`capture_scalar_outputs`) and runs those
+experts from their stacked weights; for more pairs, full-precision experts are gathered by index
+inside fused reductions, and quantized ones keep the per-pair loop (herd.inference.fast.DecodeMoE).
+Prefill stays eager (its pieces vary in length).
 
 Compiling takes 10-30 s on CPU (inductor needs a C++ compiler there) and happens again for each new
 batch size or cache size (the engine rounds cache sizes up to a power of two to make that rare),
-so it is opt-in. It covers the few-token MoE path only: batch x top-k up to 4.
+so it is opt-in.
 """
 
 from __future__ import annotations
@@ -28,7 +31,6 @@ import torch
 
 from ..model.attention import TokenLayout
 from .cache import StaticKVCache
-from .fast import FEW_TOKENS
 
 
 class _StepView:
@@ -82,14 +84,10 @@ def _compiled(model):
     return step
 
 
-def check_compilable(model, batch: int) -> None:
-    """ValueError unless `model` can take the compiled step for `batch` rows."""
+def check_compilable(model) -> None:
+    """ValueError unless `model` can take the compiled step."""
     if not getattr(model, "decode_ready", False):
         raise ValueError("compile=True needs a model prepared with herd.inference.prepare_for_decoding")
-    pairs = batch * model.config.text.num_experts_per_tok
-    if pairs > FEW_TOKENS:
-        raise ValueError(f"compile=True takes up to {FEW_TOKENS} (row, expert) pairs per step, got batch {batch} x "
-                         f"top-k {pairs // batch}: larger batches route through a data-dependent split")
 
 
 def compiled_step(model, cache: StaticKVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

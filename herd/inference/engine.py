@@ -129,13 +129,13 @@ def generate_stream(model: Llama4, input_ids: torch.Tensor, max_new_tokens: int,
     Llama 4 instruct's 0.6 and 0.9). A row that produced a stop token (default: the config's eos) yields
     the pad id from then on; the stream ends when every row has stopped. `seed` makes sampling
     reproducible. `compile=True` runs the decode steps as one compiled graph (herd.inference.compiled:
-    a prepared, full-precision model, batch x top-k <= 4; the first call compiles). Inputs are checked here, before the
+    a prepared model, full precision or quantized; the first call compiles). Inputs are checked here, before the
     first token is asked for.
     """
     check_sampling(temperature, top_p, top_k)
     _check_inputs(model, input_ids, max_new_tokens, attention_mask, pixel_values, prefill_chunk)
     if compile:
-        check_compilable(model, input_ids.shape[0])
+        check_compilable(model)
     return _stream(model, input_ids, max_new_tokens, temperature, top_p, top_k, _stop_ids(model, stop_token_ids),
                    pixel_values, attention_mask, seed, prefill_chunk, compile)
 

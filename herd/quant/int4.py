@@ -81,16 +81,19 @@ class Int4Weight(nn.Module):
         zero = pick(self.zero).repeat_interleave(self.group_size, dim=-1)
         return (q - 8) * scale + zero
 
-    def prepare_kernel(self) -> tuple | None:
+    def prepare_kernel(self, which: str | None = None) -> tuple | None:
         """The CPU kernel's operands, made once and kept: ("herd", packed, scales, offsets) for herd's
         kernel (any N) or ("aten", tiled weight, bf16 scales+zeros [(E,) G, N, 2]) for PyTorch's (N a
-        multiple of 16); None where neither takes this shape."""
-        if self._kernel is not None:
+        multiple of 16); None where neither takes this shape. `which` ("herd" or "aten") picks one
+        (benchmarks, tests); by default herd's wherever it runs."""
+        if self._kernel is not None and which in (None, self._kernel[0]):
             return self._kernel
         if self.qweight.device.type != "cpu":
             return None
         q = _unpack_nibbles(self.qweight)
-        if takes(q.shape[-1], self.group_size) and lowbit_kernel() is not None:
+        if which is None:
+            which = "herd" if takes(q.shape[-1], self.group_size) and lowbit_kernel() is not None else "aten"
+        if which == "herd":
             self._kernel = ("herd", *pack_int4(q, self.scale, self.zero))
             return self._kernel
         if self.group_size not in KERNEL_GROUPS or q.shape[-2] % 16:

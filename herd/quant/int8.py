@@ -31,15 +31,21 @@ class Int8Weight(RowwiseWeight):
     def encode(scaled: torch.Tensor) -> torch.Tensor:
         return torch.round(scaled).clamp(-127, 127).to(torch.int8)
 
-    def prepare_kernel(self) -> tuple:
+    def prepare_kernel(self, which: str | None = None) -> tuple:
         """The CPU kernel's operands, made once and kept: ("herd", packed, scales, offsets) for herd's
-        kernel, or ("aten", the int8 weight, bf16 scales) for PyTorch's."""
-        if self._kernel is None or self._kernel[-1].device != self.scale.device:
+        kernel, or ("aten", the int8 weight, bf16 scales) for PyTorch's. `which` ("herd" or "aten")
+        picks one (benchmarks, tests); by default herd's wherever it runs."""
+        kept = self._kernel
+        if kept is not None and which in (None, kept[0]) and kept[-1].device == self.scale.device:
+            return kept
+        if which is None:
             K = self.qweight.shape[-1]
-            if self.scale.device.type == "cpu" and takes(K, K) and lowbit_kernel() is not None:
-                self._kernel = ("herd", *pack_int8(self.qweight, self.scale))
-            else:
-                self._kernel = ("aten", self.qweight, self.scale.to(torch.bfloat16))
+            on_cpu = self.scale.device.type == "cpu"
+            which = "herd" if on_cpu and takes(K, K) and lowbit_kernel() is not None else "aten"
+        if which == "herd":
+            self._kernel = ("herd", *pack_int8(self.qweight, self.scale))
+        else:
+            self._kernel = ("aten", self.qweight, self.scale.to(torch.bfloat16))
         return self._kernel
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
