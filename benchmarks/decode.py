@@ -195,10 +195,13 @@ def main():
                  + f"; ceilings: reading its {step_bytes / 2**20:.0f} MiB/step {memory_ceiling:.0f} "
                  f"(= {memory_ceiling / (bw / active):.1f}x the batch-1 roofline), matmuls at peak "
                  f"({peak / 1e9:.0f} GFLOP/s) {compute_ceiling:.0f}"))
+    def times(a: str, b: str) -> str:
+        return f"{best[a] / best[b]:.2f}x"
+
     if compiled:
         rows.append((f"herd fp32, batch {args.batch}, compiled step", best["batch compiled"],
-                     f"{best['batch compiled'] / best['fp32 compiled']:.1f}x compiled batch 1; "
-                     f"{best['batch compiled'] / b16:.2f}x eager batch {args.batch}"))
+                     f"{times('batch compiled', 'fp32 compiled')} compiled batch 1; "
+                     f"{times('batch compiled', 'batch')} eager batch {args.batch}"))
     for m, q in quant.items():
         q_bytes = active_weight_bytes(q)
         rows.append((f"herd {m}, batch 1", best[m],
@@ -209,8 +212,8 @@ def main():
                          f"{roofline(f'{m} compiled', q_bytes)}"))
     if compiled:
         rows.append((f"herd int4, batch {args.batch}, compiled step", best["int4 batch compiled"],
-                     f"{best['int4 batch compiled'] / best['int4 compiled']:.1f}x int4 compiled batch 1, "
-                     f"{best['int4 batch compiled'] / best['fp32 compiled']:.1f}x fp32 compiled batch 1"))
+                     f"{times('int4 batch compiled', 'int4 compiled')} int4 compiled batch 1, "
+                     f"{times('int4 batch compiled', 'fp32 compiled')} fp32 compiled batch 1"))
 
     print(f"{len(runs)} settings, best of {args.repeats} interleaved rounds: {seconds:.0f} s")
     print(f"read bandwidth {bw / 1e9:.1f} GB/s; fp32 active weights {active / 2**20:.1f} MiB/token "

@@ -6,9 +6,12 @@ replaced by a quantized stand-in with the same call signature, and every `Expert
 (it is tiny, and a flipped top-1 choice costs more than its bytes save), and so do the embeddings
 and the vision tower (run once per image).
 
-Which kernels run (all PyTorch's own; see docs/inference.md for timings):
-- int8: `torch._weight_int8pack_mm` on CPU, per-row scales, bf16 activations;
-- int4: `torch._weight_int4pack_mm_for_cpu` on CPU, group-wise scales and offsets, bf16 activations;
+Which kernels run (see docs/inference.md for timings):
+- int8 and int4 on CPUs with AVX-512 VNNI: herd's own (lowbit_cpu.cpp, built on first use by
+  cpu_kernels.py), int8 activations times the stored integers;
+- int8 on other CPUs: `torch._weight_int8pack_mm`, per-row scales, bf16 activations;
+- int4 on other CPUs: `torch._weight_int4pack_mm_for_cpu`, group-wise scales and offsets, bf16
+  activations;
 - fp8: `torch._scaled_mm` on FP8-capable GPUs; dequantize-then-matmul elsewhere.
 Other devices and unsupported shapes dequantize per call: right results, memory saved, no speed-up.
 
