@@ -3,8 +3,8 @@
 // (q unsigned: 0..15 for int4, 0..255 for int8 stored with +128).
 //
 // Why hand-written: decoding reads every weight once per token, so at batch 1 it is bound by how
-// fast the weights stream in. PyTorch's CPU int4 and int8 kernels spend their time converting
-// weights to bf16 (about 16 G weights/s on one core here, whatever the format). This kernel instead
+// fast the weights stream in. PyTorch's CPU int4 and int8 kernels spend their time widening the
+// weights to floating point (about 16 G weights/s on one core here, whatever the format). This kernel instead
 // rounds the activations to int8 (one scale per 32 inputs, the scheme of llama.cpp and torchao's
 // da8w4) and multiplies them with the weights in AVX-512 VNNI dot products, 64 multiply-adds per
 // instruction. It is built only for CPUs that have VNNI (cpu_kernels.py checks); elsewhere herd keeps
