@@ -250,7 +250,7 @@ class DecodeMoE(nn.Module):
         stats = RouterStats(logits=logits, top_experts=top_experts)
         few, compiling = N * k <= FEW_TOKENS, torch.compiler.is_compiling()
         on_cpu, quantized = x.device.type == "cpu", isinstance(self.experts, QuantExperts)
-        if not quantized and (few and not on_cpu or compiling and not few):
+        if not quantized and ((few and not on_cpu) or (compiling and not few)):
             return (out + self._gathered(x, top_experts, gates)).view(shape), stats
         if few or compiling:
             # On CPU a host read of the chosen ids costs nothing and beats copying their weights;

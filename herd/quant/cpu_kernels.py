@@ -57,6 +57,13 @@ def lowbit_kernel():
     return torch.ops.herd.lowbit_mm
 
 
+def lowbit_matmul(rows: torch.Tensor, operands: list[torch.Tensor], group: int, bits: int,
+                  out_features: int) -> torch.Tensor:
+    """rows [M, K] @ the packed weight (`operands`: packed, scales, offsets) -> [M, out_features] fp32,
+    the block padding sliced off."""
+    return torch.ops.herd.lowbit_mm(rows.float(), *operands, group, bits)[:, :out_features]
+
+
 def takes(K: int, group: int) -> bool:
     """Whether the kernel takes a weight with K inputs and this group size (any number of outputs)."""
     return group % X_BLOCK == 0 and K % group == 0

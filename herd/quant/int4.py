@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu_kernels import lowbit_kernel, pack_int4, takes
+from .cpu_kernels import lowbit_kernel, lowbit_matmul, pack_int4, takes
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 
@@ -104,6 +104,13 @@ class Int4Weight(nn.Module):
         self._kernel = ("aten", tiled, scales_zeros.to(torch.bfloat16).contiguous())
         return self._kernel
 
+    def kernel_matmul(self, rows: torch.Tensor, which: str, operands: list[torch.Tensor]) -> torch.Tensor:
+        """rows [M, K] -> [M, N] through the CPU kernel `which` and its operands (an expert's, if picked)."""
+        if which == "herd":
+            return lowbit_matmul(rows, operands, self.group_size, 4, self.qweight.shape[-2])
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), operands[0], self.group_size,
+                                                          operands[1])
+
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         kernel = self.prepare_kernel() if x.device.type == "cpu" else None
         if kernel is None:
@@ -112,12 +119,7 @@ class Int4Weight(nn.Module):
         which, *operands = kernel
         if expert is not None:
             operands = [t[expert] for t in operands]
-        rows = x.reshape(-1, x.shape[-1])
-        if which == "herd":
-            y = torch.ops.herd.lowbit_mm(rows.float(), *operands, self.group_size, 4)[:, :self.qweight.shape[-2]]
-        else:
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), operands[0], self.group_size,
-                                                           operands[1])
+        y = self.kernel_matmul(x.reshape(-1, x.shape[-1]), which, operands)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
     def _load_from_state_dict(self, *args, **kwargs):

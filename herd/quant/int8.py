@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .cpu_kernels import lowbit_kernel, pack_int8, takes
+from .cpu_kernels import lowbit_kernel, lowbit_matmul, pack_int8, takes
 from .rowwise import RowwiseWeight
 
 
@@ -48,18 +48,19 @@ class Int8Weight(RowwiseWeight):
             self._kernel = ("aten", self.qweight, self.scale.to(torch.bfloat16))
         return self._kernel
 
+    def kernel_matmul(self, rows: torch.Tensor, which: str, operands: list[torch.Tensor]) -> torch.Tensor:
+        """rows [M, K] -> [M, N] through the CPU kernel `which` and its operands (an expert's, if picked)."""
+        if which == "herd":
+            return lowbit_matmul(rows, operands, rows.shape[-1], 8, self.qweight.shape[-2])  # one group per row
+        return torch._weight_int8pack_mm(rows.to(torch.bfloat16), *operands)
+
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
         if x.device.type != "cpu":  # no portable int8 GEMM: dequantize (correct, not fast)
             return F.linear(x, self.dequantize(expert).to(x.dtype))
         which, *operands = self.prepare_kernel()
         if expert is not None:
             operands = [t[expert] for t in operands]
-        rows = x.reshape(-1, x.shape[-1])
-        if which == "herd":
-            K = x.shape[-1]
-            y = torch.ops.herd.lowbit_mm(rows.float(), *operands, K, 8)[:, :self.qweight.shape[-2]]
-        else:
-            y = torch._weight_int8pack_mm(rows.to(torch.bfloat16), *operands)
+        y = self.kernel_matmul(x.reshape(-1, x.shape[-1]), which, operands)
         return y.to(x.dtype).reshape(*x.shape[:-1], -1)
 
     def _load_from_state_dict(self, *args, **kwargs):
