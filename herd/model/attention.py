@@ -97,13 +97,38 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=False)
 
 
+# Inductor's CPU FlexAttention kernel computes a key block's scores with a micro-GEMM whose tail
+# (a block of N % 16 keys) takes a "transpose first" branch when the tail is a whole number of
+# vectors and head_dim < 24; that branch then reads and writes 16 columns instead of N. With
+# AVX2's 8-float vectors a tail of 8 keys qualifies: scores past the block are garbage and the
+# write overruns the score buffer into the softmax maxima (NaN rows). AVX-512's 16-float vectors
+# never qualify. (torch 2.13; the tail kernel came with pytorch/pytorch#147068.) Keys padded to a
+# multiple of 16, invisible to every query, leave no tail on any CPU.
+CPU_KEY_MULTIPLE = 16
+UNSEEN_DOCUMENT = -2  # the document of padded keys: no query has it (padding queries are -1)
+
+
+def _pad_keys(k, v, layout: TokenLayout, multiple: int):
+    """k, v [B, K, S, Dh] and their layout with S rounded up to `multiple` by unseen keys."""
+    pad = -k.shape[2] % multiple
+    if not pad:
+        return k, v, layout
+    documents = layout.documents if layout.documents is not None else torch.zeros_like(layout.positions)
+    layout = TokenLayout(F.pad(layout.positions, (0, pad)), F.pad(documents, (0, pad), value=UNSEEN_DOCUMENT))
+    return F.pad(k, (0, 0, 0, pad)), F.pad(v, (0, 0, 0, pad)), layout
+
+
 def flex_attend(q, k, v, q_layout: TokenLayout, k_layout: TokenLayout, chunk_size: int | None):
     """FlexAttention over [B, heads, T, Dh] inputs with the block mask of the visibility rule."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    mask_layout = k_layout
+    if q.device.type == "cpu":
+        k, v, mask_layout = _pad_keys(k, v, k_layout, CPU_KEY_MULTIPLE)
+
     def build():
         B, T, S = q.shape[0], q.shape[2], k.shape[2]
-        return create_block_mask(_visible(q_layout, k_layout, chunk_size), B, None, T, S, device=q.device)
+        return create_block_mask(_visible(q_layout, mask_layout, chunk_size), B, None, T, S, device=q.device)
 
     block_mask = _memo(q_layout, k_layout, ("flex", chunk_size), build)
     return _compiled_flex_attention()(q, k, v, block_mask=block_mask, enable_gqa=True)
