@@ -13,6 +13,8 @@ from herd.inference.fast import (BlockedLinear, DecodeMoE, FastAttention, FusedS
 from herd.quant import quantize_
 from tests.test_inference import cached_logits, random_rows, tiny_model
 
+pytestmark = pytest.mark.isa  # compiled decode steps and quantized kernels
+
 
 def twins(method=None, **overrides):
     """A model (dense and MoE layers, top-2 routing) and its prepared copy."""

@@ -15,6 +15,8 @@ from herd.model.vision import pixel_shuffle
 from herd.presets import tiny
 from tests.hf_reference import randomize_
 
+pytestmark = pytest.mark.isa  # attention kernels and FlexAttention
+
 
 def small_text(**kw) -> TextConfig:
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, intermediate_size_mlp=128,

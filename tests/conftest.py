@@ -1,0 +1,28 @@
+"""What every test run prints first: the versions it ran with and what the CPU offers, so that a
+failure on another machine can be told apart from a failure of the code."""
+
+from importlib.metadata import PackageNotFoundError, version
+
+
+def _environment() -> list[str]:
+    def v(name):
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    import torch
+
+    versions = ", ".join(f"{name} {v(name)}" for name in ("torch", "transformers", "tokenizers", "safetensors"))
+    return [f"versions: {versions}",
+            f"CPU: ATen {torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads"]
+
+
+def pytest_report_header(config):
+    return _environment()
+
+
+def pytest_terminal_summary(terminalreporter):  # also under -q, which hides the header
+    if terminalreporter.verbosity < 0:
+        for line in _environment():
+            terminalreporter.write_line(line)
