@@ -1,8 +1,10 @@
 """herd's low-bit CPU kernel against PyTorch's int4 and int8 kernels, matrix by matrix (the shapes of
 the decode benchmark's model), at 1, 16 and 512 rows. Both kernels see the same layer; "herd" is
-what a layer runs where the CPU has AVX-512 VNNI, "pytorch" what it runs elsewhere. Weights are hot
-(one matrix, called again and again) and the kernels are called directly (not through the layer's
-Python forward, whose overhead is the same for both), so this compares the kernels alone.
+what a layer runs where the CPU has AVX-512 VNNI or AVX2 (the path the CPU's flags choose, printed
+first; HERD_CPU_KERNELS=avx2 times the AVX2 path on an AVX-512 machine), "pytorch" what it runs
+elsewhere. Weights are hot (one matrix, called again and again) and the kernels are called directly
+(not through the layer's Python forward, whose overhead is the same for both), so this compares the
+kernels alone.
 
     python benchmarks/lowbit_kernel.py [--threads 1]
 """
@@ -14,7 +16,7 @@ import time
 
 import torch
 
-from herd.quant.cpu_kernels import lowbit_kernel
+from herd.quant.cpu_kernels import kernel_isa, lowbit_kernel
 from herd.quant.int4 import Int4Weight
 from herd.quant.int8 import Int8Weight
 
@@ -53,8 +55,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     torch.set_num_threads(ap.parse_args().threads)
     if lowbit_kernel() is None:
-        raise SystemExit("herd's low-bit kernel is not available here (needs AVX-512 VNNI and a C++ compiler)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+        raise SystemExit("herd's low-bit kernel is not available here (needs AVX-512 VNNI or AVX2 and a C++ compiler)")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; herd's kernel: its {kernel_isa()} path")
     print(f"| {'format':<6} | {'matrix':<26} | {'rows':>4} | {'pytorch us':>10} | {'herd us':>8} | herd speed-up")
     print(f"|{'-' * 8}|{'-' * 28}|{'-' * 6}|{'-' * 12}|{'-' * 10}|------")
     g = torch.Generator().manual_seed(0)

@@ -2,11 +2,15 @@
 `torch.ops.herd.lowbit_mm` (herd/quant/lowbit_cpu.cpp, which says why it exists) or None where it
 cannot run; `pack_int4` / `pack_int8` make its operands from the portable stored forms.
 
-It runs on x86 CPUs with AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4). The first call in
-a process compiles it with `torch.utils.cpp_extension` (a C++ compiler and ninja, about 10 s; cached
-under ~/.cache/torch_extensions after that). Where the CPU lacks VNNI, the build fails, or the
-environment sets HERD_CPU_KERNELS=0, quantized layers use PyTorch's own kernels instead; nothing is
-probed at import time.
+It runs on x86 CPUs with AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4) or AVX2 and FMA
+(Intel since Haswell, AMD since Zen 1): one source built for one of the two instruction sets,
+`kernel_isa()` says which, chosen from the CPU's flags on the first call (never at import). The
+first call in a process compiles it with `torch.utils.cpp_extension` (a C++ compiler and ninja,
+about 10 s; cached under ~/.cache/torch_extensions after that). Where the CPU has neither, the build
+fails, or the environment sets HERD_CPU_KERNELS=0, quantized layers use PyTorch's own kernels.
+HERD_CPU_KERNELS=avx2 or avx512 forces a path (tests of the AVX2 path on an AVX-512 machine).
+
+The two builds register the same op, so a process loads only one.
 """
 
 from __future__ import annotations
@@ -20,7 +24,11 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("lowbit_cpu.cpp")
-CPU_FLAGS = {"avx512f", "avx512bw", "avx512_vnni"}  # what the kernel is compiled for (-mavx512vnni etc.)
+# instruction set -> (the CPU flags it needs, as /proc/cpuinfo names them; the compiler flags), best first
+ISAS = {
+    "avx512": ({"avx512f", "avx512bw", "avx512_vnni"}, ["-mavx512f", "-mavx512bw", "-mavx512vnni"]),
+    "avx2": ({"avx2", "fma"}, ["-mavx2", "-mfma"]),
+}
 STEP, X_BLOCK = 4, 32  # inputs per byte group of a dot product; inputs per activation scale
 BLOCK_COLS = {4: 32, 8: 16}  # output columns per packed block, by bits
 
@@ -34,20 +42,44 @@ def _cpu_flags() -> set[str]:
     return set(flags.split(":", 1)[-1].split())
 
 
+def runnable_isas() -> list[str]:
+    """The kernel's instruction sets this CPU can run, best first."""
+    flags = _cpu_flags()
+    return [isa for isa, (needs, _) in ISAS.items() if needs <= flags]
+
+
+@functools.cache
+def kernel_isa() -> str | None:
+    """The instruction set herd's kernel is built for in this process: HERD_CPU_KERNELS if it names
+    one (an error if the CPU cannot run it), None if it is 0 or the CPU runs none, else the best."""
+    wanted = os.environ.get("HERD_CPU_KERNELS", "1")
+    if wanted == "0":
+        return None
+    runnable = runnable_isas()
+    if wanted == "1":
+        return runnable[0] if runnable else None
+    if wanted not in ISAS:
+        raise ValueError(f"HERD_CPU_KERNELS={wanted!r}: expected 0, 1 or one of {', '.join(ISAS)}")
+    if wanted not in runnable:
+        missing = ISAS[wanted][0] - _cpu_flags()
+        raise RuntimeError(f"HERD_CPU_KERNELS={wanted}, but this CPU lacks {', '.join(sorted(missing))}")
+    return wanted
+
+
 @functools.cache
 def lowbit_kernel():
-    """`torch.ops.herd.lowbit_mm`, built and loaded on the first call; None where it cannot run (a
-    failed build is warned once)."""
-    if os.environ.get("HERD_CPU_KERNELS", "1") == "0" or not CPU_FLAGS <= _cpu_flags():
+    """`torch.ops.herd.lowbit_mm`, built for `kernel_isa()` and loaded on the first call; None where
+    it cannot run (a failed build is warned once)."""
+    isa = kernel_isa()
+    if isa is None:
         return None
     from torch.utils.cpp_extension import load
 
     try:
-        load("herd_lowbit_cpu", [str(SOURCE)], extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vnni"],
-             is_python_module=False)
+        load(f"herd_lowbit_{isa}", [str(SOURCE)], extra_cflags=["-O3", *ISAS[isa][1]], is_python_module=False)
     except Exception as e:  # no compiler, no ninja, ...: fall back, but say why
-        warnings.warn(f"herd's low-bit CPU kernel did not build ({type(e).__name__}: {str(e)[:200]}); int4/int8 "
-                      "layers use PyTorch's slower kernels", stacklevel=2)
+        warnings.warn(f"herd's low-bit CPU kernel ({isa}) did not build ({type(e).__name__}: {str(e)[:200]}); "
+                      "int4/int8 layers use PyTorch's slower kernels", stacklevel=2)
         return None
 
     @torch.library.register_fake("herd::lowbit_mm")

@@ -8,11 +8,16 @@ Checkpoints store q as two nibbles per byte (column 2j in the low nibble, 2j + 1
 a portable layout. CPU kernels want their own packing, made from the portable copy on the first CPU
 call and kept beside it (on CPU an int4 layer therefore holds its weight twice: the saved form and
 the kernel's form). Two kernels, picked per layer then:
-- herd's own (herd/quant/lowbit_cpu.cpp, built on first use by cpu_kernels.py) on CPUs with AVX-512
-  VNNI: int8 activations times int4 weights, several times faster than PyTorch's at batch 1;
+- herd's own (herd/quant/lowbit_cpu.cpp, built on first use by cpu_kernels.py) on x86 CPUs with
+  AVX-512 VNNI or AVX2: int8 activations times int4 weights, several times faster than PyTorch's at
+  batch 1;
 - otherwise PyTorch's `torch._weight_int4pack_mm_for_cpu` (bf16 activations).
 Shapes neither takes (group not a multiple of 32, or without herd's kernel not 32/64/128/256 or N
 not a multiple of 16) and other devices dequantize.
+
+On CUDA, PyTorch's tinygemm kernel (herd/quant/cuda_kernels.py) where the GPU and the shape allow
+it. There the kernel's form replaces the saved one on the device (which moves to host memory, for
+state_dict and saving): a GPU holds each int4 weight once.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cpu_kernels import lowbit_kernel, lowbit_matmul, pack_int4, takes
+from .cuda_kernels import int4_matmul, int4_operands, int4_runs_on, int4_takes
 
 KERNEL_GROUPS = (32, 64, 128, 256)
 
@@ -71,7 +77,11 @@ class Int4Weight(nn.Module):
         must share a group size."""
         if len({p.group_size for p in parts}) != 1:
             raise ValueError("Int4Weight.cat: the parts have different group sizes")
-        return cls(*(torch.cat([getattr(p, n) for p in parts], -2) for n in ("qweight", "scale", "zero")))
+        joined = cls(*(torch.cat([getattr(p, n) for p in parts], -2) for n in ("qweight", "scale", "zero")))
+        if all(p._kernel is not None and p._kernel[0] == "cuda" for p in parts):  # their saved forms are on the host
+            joined._kernel = ("cuda", torch.cat([p._kernel[1] for p in parts], -4),  # tiles of 8 rows
+                              torch.cat([p._kernel[2] for p in parts], -2))
+        return joined
 
     def dequantize(self, expert: int | None = None) -> torch.Tensor:
         """The full-precision weight [(E,) N, K], or expert e's [N, K]."""
@@ -85,9 +95,12 @@ class Int4Weight(nn.Module):
         """The CPU kernel's operands, made once and kept: ("herd", packed, scales, offsets) for herd's
         kernel (any N) or ("aten", tiled weight, bf16 scales+zeros [(E,) G, N, 2]) for PyTorch's (N a
         multiple of 16); None where neither takes this shape. `which` ("herd" or "aten") picks one
-        (benchmarks, tests); by default herd's wherever it runs."""
+        (benchmarks, tests); by default herd's wherever it runs. On CUDA: ("cuda", tiles, bf16
+        scales+zeros) where tinygemm runs (_prepare_cuda)."""
         if self._kernel is not None and which in (None, self._kernel[0]):
             return self._kernel
+        if self.qweight.device.type == "cuda":
+            return self._prepare_cuda()
         if self.qweight.device.type != "cpu":
             return None
         q = _unpack_nibbles(self.qweight)
@@ -104,15 +117,27 @@ class Int4Weight(nn.Module):
         self._kernel = ("aten", tiled, scales_zeros.to(torch.bfloat16).contiguous())
         return self._kernel
 
+    def _prepare_cuda(self) -> tuple | None:
+        """("cuda", tiles, bf16 scales+zeros) for tinygemm; the saved buffers then move to host memory."""
+        if not (int4_runs_on(self.qweight.device) and int4_takes(self.qweight.shape[-2], 2 * self.qweight.shape[-1],
+                                                                 self.group_size)):
+            return None
+        self._kernel = ("cuda", *int4_operands(self.qweight, self.scale, self.zero))
+        for name in ("qweight", "scale", "zero"):
+            self._buffers[name] = self._buffers[name].cpu()
+        return self._kernel
+
     def kernel_matmul(self, rows: torch.Tensor, which: str, operands: list[torch.Tensor]) -> torch.Tensor:
-        """rows [M, K] -> [M, N] through the CPU kernel `which` and its operands (an expert's, if picked)."""
+        """rows [M, K] -> [M, N] through the kernel `which` and its operands (an expert's, if picked)."""
+        if which == "cuda":
+            return int4_matmul(rows, *operands, self.group_size)
         if which == "herd":
             return lowbit_matmul(rows, operands, self.group_size, 4, self.qweight.shape[-2])
         return torch.ops.aten._weight_int4pack_mm_for_cpu(rows.to(torch.bfloat16), operands[0], self.group_size,
                                                           operands[1])
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        kernel = self.prepare_kernel() if x.device.type == "cpu" else None
+        kernel = self.prepare_kernel() if x.device.type in ("cpu", "cuda") else None
         if kernel is None:
             return F.linear(x, self.dequantize(expert).to(x.dtype))
         # Decoding calls this dozens of times a token: nothing here but the kernel and two casts.

@@ -2,11 +2,13 @@
 
 w ~ q * scale with q in [-127, 127] and scale = max|w_row| / 127. A row is the natural group for
 int8 (256 levels keep the rounding error small). Two CPU kernels, picked on the first call:
-- herd's own (herd/quant/lowbit_cpu.cpp, via cpu_kernels.py) on CPUs with AVX-512 VNNI: int8
-  activations (one scale per 32 inputs) times the int8 weights; it needs K a multiple of 32 and keeps
-  a packed copy of the weight beside the saved one;
+- herd's own (herd/quant/lowbit_cpu.cpp, via cpu_kernels.py) on x86 CPUs with AVX-512 VNNI or
+  AVX2: int8 activations (one scale per 32 inputs) times the int8 weights; it needs K a multiple of
+  32 and keeps a packed copy of the weight beside the saved one;
 - otherwise PyTorch's `torch._weight_int8pack_mm`, which is fast only with bf16 activations, so
   activations are rounded to bf16 for the matmul and the result is cast back.
+On CUDA the same PyTorch op where the build has its CUDA kernel (herd/quant/cuda_kernels.py);
+other devices dequantize.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_kernels import lowbit_kernel, lowbit_matmul, pack_int8, takes
+from .cuda_kernels import int8_runs_on
 from .rowwise import RowwiseWeight
 
 
@@ -55,7 +58,7 @@ class Int8Weight(RowwiseWeight):
         return torch._weight_int8pack_mm(rows.to(torch.bfloat16), *operands)
 
     def forward(self, x: torch.Tensor, expert: int | None = None) -> torch.Tensor:
-        if x.device.type != "cpu":  # no portable int8 GEMM: dequantize (correct, not fast)
+        if x.device.type != "cpu" and not int8_runs_on(x.device):  # dequantize (correct, not fast)
             return F.linear(x, self.dequantize(expert).to(x.dtype))
         which, *operands = self.prepare_kernel()
         if expert is not None:
