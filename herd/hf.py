@@ -7,7 +7,9 @@ prefixes, read top to bottom in either direction. Expert weights already share t
 Loading builds the model on the meta device and assigns each tensor as safetensors reads it
 (memory-mapped), so the weights are never held twice, and keeps the checkpoint's dtype unless
 `dtype` says otherwise. Every tensor is checked: a missing, unexpected or wrongly shaped one is an
-error that names it; nothing the checkpoint should provide is ever random-initialised.
+error that names it; nothing the checkpoint should provide is ever random-initialised. Loading with
+`quantize` quantizes each weight as it is read (herd.quant.load_quantized), so the peak is the
+quantized model plus about one tensor (docs/deployment.md has the measurement).
 """
 
 from __future__ import annotations
@@ -76,15 +78,27 @@ def _checkpoint_files(path: Path) -> list[Path]:
                           "(herd reads safetensors only; convert .bin/.pth checkpoints first)")
 
 
-def _assign(model: nn.Module, name: str, tensor: torch.Tensor):
+def _place(tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device, copy: bool) -> torch.Tensor:
+    """The tensor on `device`, in `dtype` if it is a float tensor; a copy if `copy`, else on the CPU
+    it may stay a view of the memory map."""
+    if dtype is not None and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return tensor.to(device=device, dtype=dtype, copy=copy)  # (quantized values keep their integer/fp8 dtype)
+    return tensor.to(device=device, copy=copy)
+
+
+def _assign(model: nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype | None, device: torch.device,
+            copy: bool) -> nn.Module:
+    """Puts the checkpoint's tensor in the model as `name`; returns the module that holds it."""
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
-    if leaf in module._buffers:  # quantized weights and their scales are buffers
-        # Copied out of the memory map: the quantized CPU kernels read aligned memory, and a
-        # safetensors mapping gives only 8-byte alignment (a segfault, not an error).
-        module._buffers[leaf] = tensor.clone()
+    if leaf in module._buffers:  # a quantized layer's weights and scales: their saved dtypes, and
+        # copied out of the memory map: the CPU kernels read aligned memory, and a safetensors
+        # mapping gives only 8-byte alignment (a segfault, not an error).
+        module._buffers[leaf] = _place(tensor, None, device, copy=True)
     else:
+        tensor = _place(tensor, dtype, device, copy)
         setattr(module, leaf, nn.Parameter(tensor, requires_grad=tensor.is_floating_point()))
+    return module
 
 
 def _quantization_config(path: Path) -> dict | None:
@@ -101,28 +115,38 @@ def _quantization_config(path: Path) -> dict | None:
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     config: ModelConfig | None = None, quantize: str | None = None) -> Llama4:
     """Loads a directory in the Hugging Face Llama 4 layout (one file or shards with an index).
-    `quantize` ("int8", "int4", "fp8") swaps in weight-only quantized layers (herd.quant)."""
+
+    `quantize` ("int8", "int4", "fp8") loads a full-precision checkpoint into weight-only quantized
+    layers (herd.quant): the layers are swapped on the meta device first, then each weight (an
+    expert stack at most) is quantized as it is read, a block of rows at a time, on `device`. The
+    full-precision model never exists: peak memory is the quantized model plus about one tensor.
+    Everything else is copied out of the memory map, so each shard's mapping closes once it is read.
+    On CUDA each quantized layer makes its kernel's form as soon as it is complete (herd.quant.int4:
+    the saved form then waits in host memory), so the GPU never holds two forms of the weights."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a directory; herd.from_pretrained expects a checkpoint "
                                 "directory holding config.json and safetensors weights")
+    from .quant import load_quantized, quantize_
+
     config = config or read_hf_config(path)
     multimodal = config.vision is not None
+    device = torch.device(device)
     saved_quant = _quantization_config(path)
+    if saved_quant is not None and quantize not in (None, saved_quant["method"]):
+        raise CheckpointError(f"{path} holds {saved_quant['method']} weights; quantize={quantize!r} "
+                              "needs the full-precision checkpoint")
     with torch.device("meta"):
         model = Llama4(config)
-        if saved_quant is not None:  # a quantized checkpoint: swap modules first, then load their tensors
-            from .quant import quantize_
-
-            if quantize is not None and quantize != saved_quant["method"]:
-                raise CheckpointError(f"{path} holds {saved_quant['method']} weights; quantize={quantize!r} "
-                                      "needs the full-precision checkpoint")
+        if saved_quant is not None:  # the checkpoint holds the quantized layers' own buffers
             quantize_(model, saved_quant["method"], saved_quant["group_size"])
-            quantize = None
-    expected = {name: t.shape for name, t in model.state_dict().items()}
+    expected = {name: t.shape for name, t in model.state_dict().items()}  # what the checkpoint must hold
+    streaming = saved_quant is None and quantize is not None
+    if streaming:
+        quantize_(model, quantize)  # on the meta device: shapes only
     seen: set[str] = set()
     for file in _checkpoint_files(path):
-        with safe_open(file, framework="pt", device=str(device)) as f:
+        with safe_open(file, framework="pt", device="cpu") as f:  # memory-mapped: nothing read yet
             for key in f.keys():
                 name = from_hf_key(key, multimodal)
                 if name is None or name not in expected:
@@ -134,20 +158,21 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
                 if shape != tuple(expected[name]):
                     raise CheckpointError(f"tensor {key!r} in {file.name} has shape {list(shape)}, but the config "
                                           f"gives {list(expected[name])}")
-                tensor = f.get_tensor(key)
-                if dtype is not None and tensor.dtype in (torch.float32, torch.float16, torch.bfloat16):
-                    tensor = tensor.to(dtype)  # (quantized values keep their integer/fp8 dtype)
-                _assign(model, name, tensor)
+                tensor = f.get_tensor(key)  # a view of the map
+                layer = None
+                if streaming:
+                    layer = load_quantized(model, name, tensor, lambda block: _place(block, dtype, device, False))
+                if layer is None:
+                    layer = _assign(model, name, tensor, dtype, device, copy=streaming)
+                if device.type == "cuda" and hasattr(layer, "prepare_kernel") and not any(
+                        b.is_meta for b in layer.buffers()):  # a complete quantized layer
+                    layer.prepare_kernel()
                 seen.add(name)
     missing = [to_hf_key(n, multimodal) for n in expected if n not in seen]
     if missing:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint {path} lacks {len(missing)} tensor(s) the config needs: "
                               f"{', '.join(missing[:5])}{more}")
-    if quantize is not None:
-        from .quant import quantize_
-
-        quantize_(model, quantize)
     return model.eval()
 
 

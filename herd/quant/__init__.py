@@ -12,8 +12,14 @@ Which kernels run (see docs/inference.md for timings):
 - int8 on other CPUs: `torch._weight_int8pack_mm`, per-row scales, bf16 activations;
 - int4 on other CPUs: `torch._weight_int4pack_mm_for_cpu`, group-wise scales and offsets, bf16
   activations;
+- int4 on CUDA (compute capability 8.0+): PyTorch's tinygemm, `torch._weight_int4pack_mm`;
+- int8 on CUDA: `torch._weight_int8pack_mm` where the build has its CUDA kernel;
 - fp8: `torch._scaled_mm` on FP8-capable GPUs; dequantize-then-matmul elsewhere.
 Other devices and unsupported shapes dequantize per call: right results, memory saved, no speed-up.
+
+`herd.from_pretrained(path, quantize=...)` does not call `quantize_` on a loaded model: it swaps the
+layers on the meta device (shapes only) and quantizes each weight as it is read (`load_quantized`),
+so the full-precision model never exists; the result is the same bytes as `quantize_`.
 
 A quantized model saves to a checkpoint directory with `quantization_config` in its config.json
 (`herd.hf`); herd loads it back without the full-precision weights ever existing. Those files are
@@ -33,6 +39,11 @@ from .int8 import Int8Weight
 
 METHODS = ("int8", "int4", "fp8")
 DEFAULT_GROUP_SIZE = 32
+QUANTIZED_LAYERS = (Int8Weight, Int4Weight, Fp8Weight)
+# Weights quantized at once while loading: a block's fp32 temporaries stay near 4 MiB each, however
+# large the tensor (an expert stack of Scout holds 1.3 billion weights). Larger blocks load no faster
+# and leave more freed memory in the allocator (docs/deployment.md).
+BLOCK_WEIGHTS = 2**20
 
 
 class QuantExperts(nn.Module):
@@ -90,3 +101,45 @@ def quantize_(model: nn.Module, method: str, group_size: int = DEFAULT_GROUP_SIZ
     model.lm_head = make(model.lm_head.weight)
     model.quantization = {"method": method, "group_size": group_size}
     return model
+
+
+def quantize_in_blocks(make, weight: torch.Tensor, like: nn.Module, prepare=lambda block: block) -> nn.Module:
+    """make(weight) for weight [(E,) N, K] (any view: memory-mapped, transposed), computed on blocks of
+    output rows of about BLOCK_WEIGHTS weights, each passed through `prepare` first (device, dtype),
+    and written into buffers shaped like those of `like` (the layer on the meta device). Every
+    format scales each row on its own, so the blocks give exactly the bytes of the whole."""
+    N = weight.shape[-2]
+    rows = max(1, BLOCK_WEIGHTS // (weight.numel() // N))
+    buffers = None
+    for r in range(0, N, rows):
+        part = make(prepare(weight[..., r:r + rows, :]))
+        if buffers is None:
+            buffers = [torch.empty_like(b, device=p.device) for b, p in zip(like.buffers(), part.buffers())]
+        for whole, piece in zip(buffers, part.buffers()):
+            row_dim = -2 if piece.ndim == weight.ndim else -1  # a row-wise format's scales: [(E,) N]
+            whole.narrow(row_dim, r, piece.shape[row_dim]).copy_(piece)
+    return type(like)(*buffers)
+
+
+@torch.no_grad()
+def load_quantized(model: nn.Module, name: str, weight: torch.Tensor, prepare=lambda block: block) -> nn.Module | None:
+    """For herd.hf, loading into a model that `quantize_` swapped on the meta device: if the
+    full-precision checkpoint tensor `name` (herd's name) is the weight of one of its quantized
+    layers, quantizes it into a new layer put in that one's place and returns it; else None.
+    `prepare` moves and casts each block of rows before it is quantized (quantize_in_blocks)."""
+    path, _, leaf = name.rpartition(".")
+    layer_name = path if leaf == "weight" else name  # nn.Linear's ".weight"; experts' stacks have no suffix
+    try:
+        layer = model.get_submodule(layer_name)
+    except AttributeError:  # a parameter, not a module: never quantized
+        return None
+    if not isinstance(layer, QUANTIZED_LAYERS):
+        return None
+    parent_name, _, child = layer_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    if isinstance(parent, QuantExperts):
+        weight = weight.transpose(1, 2)  # HF layout [E, in, out] -> [E, out, in], as quantize_ does
+    method, group_size = model.quantization["method"], model.quantization["group_size"]
+    quantized = quantize_in_blocks(_quantizer(method, group_size), weight, layer, prepare)
+    setattr(parent, child, quantized)
+    return quantized
