@@ -175,8 +175,9 @@ def main():
         streaming = measure_in_subprocess(tmp, "streaming", args.method)
     finally:
         shutil.rmtree(tmp)
-    print(f"checkpoint: {_gib(facts['bytes'])} bf16 in {facts['shards']} shards (largest {_gib(facts['largest_shard'])}),"
-          f" largest tensor {_gib(facts['largest_tensor'])}; {args.method} model {_gib(streaming['model_bytes'])}")
+    print(f"checkpoint: {_gib(facts['bytes'])} bf16 in {facts['shards']} shards (largest "
+          f"{_gib(facts['largest_shard'])}), largest tensor {_gib(facts['largest_tensor'])}; "
+          f"{args.method} model {_gib(streaming['model_bytes'])}")
     print(f"{'road':<34}{'anonymous':>12}{'file pages':>12}{'together':>12}{'load s':>8}")
     for name, r in (("load, then quantize_ (before)", after), ("streaming (from_pretrained)", streaming)):
         print(f"{name:<34}{_gib(r['peak_anon']):>12}{_gib(r['peak_file']):>12}{_gib(r['peak_total']):>12}"

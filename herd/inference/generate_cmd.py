@@ -12,7 +12,8 @@ def add_sampling_flags(p: argparse.ArgumentParser):
     """Flags shared with `herd chat`."""
     p.add_argument("--model", required=True, help="checkpoint directory (config.json + safetensors)")
     p.add_argument("--tokenizer", help="directory with tokenizer.json (default: the model directory)")
-    p.add_argument("--quantize", choices=["int8", "int4", "fp8"], help="quantize weights at load time")
+    p.add_argument("--quantize", choices=["int8", "int4", "fp8"],
+                   help="quantize each weight as it is read (peak memory near the quantized size)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.6, help="0 for greedy decoding")
     p.add_argument("--top-p", type=float, default=0.9)
