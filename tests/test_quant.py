@@ -24,6 +24,8 @@ from herd.quant.int4 import Int4Weight, _pack_nibbles
 from herd.quant.int8 import Int8Weight
 from tests.hf_reference import hf_config_dict, randomize_
 
+pytestmark = pytest.mark.isa  # herd's low-bit kernel, per instruction set
+
 # worst relative error of the whole model's logits (std 0.05 weights) allowed per format
 LOGIT_ERROR = {"int8": 0.04, "fp8": 0.1, "int4": 0.3}
 
