@@ -34,6 +34,7 @@ from .balance import LoadBalancer
 from .checkpoint import LocalCheckpointer, check_writable
 from .config import TrainConfig
 from .losses import Batch, LossOutput
+from .memory import keep_freed_memory
 from .metap import lr_multipliers
 from .metrics import MetricsLog
 from .optim import build_optimizer, set_lr
@@ -84,6 +85,7 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
     checkpointer = checkpointer or LocalCheckpointer(run_dir / "checkpoints" / stage, cfg.keep_checkpoints)
     metrics = metrics or MetricsLog(run_dir / "metrics.jsonl", enabled=rank == 0)
     device = next(model.parameters()).device
+    keep_freed_memory()  # each step's large tensors reuse the last step's memory instead of faulting it in
 
     # ---- features applied from outside the model, before the optimiser sees the parameters
     if cfg.fp8:
