@@ -182,3 +182,34 @@ def test_inputs_embeds_give_the_same_logits_as_ids():
     torch.testing.assert_close(from_embeds, from_ids)
     with pytest.raises(ValueError, match="exactly one of input_ids"):
         model(ids, inputs_embeds=model.embed(ids, pixels))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_head_loss_equals_plain_cross_entropy(dtype, monkeypatch):
+    """`targets=` (the chunked head loss) gives the loss and the gradients of cross-entropy on
+    whole logits, with ignored targets and chunks that do not divide the rows."""
+    import torch.nn.functional as F
+
+    from herd.model import head_loss
+
+    monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 5 * 128)  # 5 rows a chunk: 3 chunks, the last short
+    config = ModelConfig(text=small_text(), vision=None)
+    twins = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        twins.append(Llama4(config).to(dtype))
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 128, (2, 7), generator=g)
+    targets = torch.randint(0, 128, (2, 7), generator=g)
+    targets[0, :3] = head_loss.IGNORE
+    plain = F.cross_entropy(twins[0](ids).logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100,
+                            reduction="sum")
+    chunked = twins[1](ids, targets=targets).loss_sum
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(chunked, plain, **tol)
+    (2 * plain).backward()
+    (2 * chunked).backward()  # the upstream gradient scales both kept gradients
+    for (name, a), b in zip(twins[0].named_parameters(), twins[1].parameters()):
+        torch.testing.assert_close(b.grad.float(), a.grad.float(), **tol, msg=name)
+    with torch.no_grad():  # no gradients asked for: the loss alone
+        torch.testing.assert_close(twins[1](ids, targets=targets).loss_sum, plain.detach(), **tol)

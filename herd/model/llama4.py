@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
 from .attention import KVCache, TokenLayout
 from .decoder import DecoderLayer
+from .head_loss import IGNORE, head_cross_entropy
 from .moe import Experts, RouterStats
 from .norm import RMSNorm
 from .rope import text_angles, text_inv_freq
@@ -30,8 +32,9 @@ from .vision import VisionEncoder
 
 @dataclass
 class Llama4Output:
-    logits: torch.Tensor  # [B, T, V]
+    logits: torch.Tensor | None  # [B, T, V]; None when `targets` were given
     router: list[RouterStats] = field(default_factory=list)  # one per MoE layer, in layer order
+    loss_sum: torch.Tensor | None = None  # summed next-token cross-entropy, when `targets` were given
 
 
 def token_layout(input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -115,12 +118,15 @@ class Llama4(nn.Module):
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 document_ids: torch.Tensor | None = None, cache: KVCache | None = None,
                 layout: TokenLayout | None = None, logits_to_keep: int | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> Llama4Output:
+                inputs_embeds: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> Llama4Output:
         """input_ids [B, T]; pixel_values [N_tiles, C, S, S]; attention_mask [B, T] (1 = real,
         0 = padding); document_ids [B, T] for packed sequences; position_ids [B, T] to override
         the positions derived from those. A cache (herd.inference) passes the layout it computed.
         `logits_to_keep=n` projects only the last n positions to the vocabulary (generation);
-        `inputs_embeds` [B, T, D] replaces input_ids (e.g. pieces of a prompt embedded once)."""
+        `inputs_embeds` [B, T, D] replaces input_ids (e.g. pieces of a prompt embedded once).
+        `targets` [B, T] (the token after each position, -100 where none) returns the summed
+        cross-entropy instead of logits, computed in chunks that never hold all the logits
+        (herd.model.head_loss); the loss is taken inside forward so that a sharded head is whole."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids [B, T] and inputs_embeds [B, T, D]")
         if inputs_embeds is None:
@@ -141,6 +147,14 @@ class Llama4(nn.Module):
             h, stats = layer(h, rope, layout, cache)
             if stats is not None:
                 router.append(stats)
+        if targets is not None:
+            h = self.norm(h).flatten(0, 1)
+            if type(self.lm_head) is nn.Linear:
+                loss = head_cross_entropy(h, self.lm_head.weight, targets.flatten())
+            else:  # a swapped head (quantized, float8) computes its own logits
+                loss = F.cross_entropy(self.lm_head(h).float(), targets.flatten(), ignore_index=IGNORE,
+                                       reduction="sum")
+            return Llama4Output(logits=None, router=router, loss_sum=loss)
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return Llama4Output(logits=self.lm_head(self.norm(h)), router=router)

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..model.head_loss import IGNORE  # label of a position that is not a target
 from ..model.moe import RouterStats
-
-IGNORE = -100  # label of a position that is not a target
 
 
 @dataclass
@@ -43,10 +42,8 @@ class LossOutput:
 def causal_lm_loss(model: nn.Module, batch: Batch) -> LossOutput:
     """Next-token cross-entropy (labels are already shifted: labels[t] is the token after t)."""
     out = model(batch.input_ids, pixel_values=batch.pixel_values, document_ids=batch.document_ids,
-                attention_mask=batch.attention_mask)
-    loss = F.cross_entropy(out.logits.flatten(0, 1).float(), batch.labels.flatten(), ignore_index=IGNORE,
-                           reduction="sum")
-    return LossOutput(loss, int((batch.labels != IGNORE).sum()), out.router)
+                attention_mask=batch.attention_mask, targets=batch.labels)
+    return LossOutput(out.loss_sum, int((batch.labels != IGNORE).sum()), out.router)
 
 
 class ContrastiveLoss(nn.Module):
