@@ -27,12 +27,14 @@ rollout batch pi_old is pi itself (detached): the ratio is 1, and the gradient i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..chat import RenderedChat
 from .losses import IGNORE, Batch, LossOutput
 
 
@@ -50,6 +52,22 @@ def token_logprobs(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """log p(labels[b, t]) under logits [B, T, V] -> [B, T] (fp32), 0 where labels == IGNORE."""
     logp = -F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE, reduction="none")
     return logp.view(labels.shape)
+
+
+def answer_rows(rendered: Sequence[RenderedChat], pad_id: int) -> Batch:
+    """Rendered chats as right-padded rows [B, T] whose targets are what the renderer supervises:
+    labels[t] = ids[t + 1] where loss_mask[t + 1], else IGNORE. Padding is never a target."""
+    T = max(len(r) for r in rendered)
+    ids = torch.full((len(rendered), T), pad_id, dtype=torch.long)
+    attention = torch.zeros(len(rendered), T, dtype=torch.long)
+    labels = torch.full((len(rendered), T), IGNORE, dtype=torch.long)
+    for i, r in enumerate(rendered):
+        row, mask = torch.tensor(r.ids), torch.tensor(r.loss_mask)
+        ids[i, :len(r)] = row
+        attention[i, :len(r)] = 1
+        labels[i, :len(r) - 1] = torch.where(mask[1:], row[1:], IGNORE)
+    tiles = [r.pixel_values for r in rendered if r.pixel_values is not None]
+    return Batch(ids, labels, pixel_values=torch.cat(tiles) if tiles else None, attention_mask=attention)
 
 
 def _forward(model: nn.Module, batch: Batch):
@@ -95,6 +113,13 @@ class PreferenceBatch:
 
     batch: Batch  # [2P, T] with labels on the answer tokens only
     ref_logps: torch.Tensor  # [2P] the frozen reference's `sequence_logprobs` of the same rows
+
+    @classmethod
+    def build(cls, pairs: Sequence[tuple[RenderedChat, RenderedChat]], reference: nn.Module, pad_id: int
+              ) -> "PreferenceBatch":
+        """Rows of (chosen, rejected) renderings, with the frozen reference's log-probabilities."""
+        batch = answer_rows([c for c, _ in pairs] + [r for _, r in pairs], pad_id)
+        return cls(batch, sequence_logprobs(reference, batch))
 
     def to(self, device) -> "PreferenceBatch":
         return PreferenceBatch(self.batch.to(device), self.ref_logps.to(device))
