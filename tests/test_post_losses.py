@@ -12,9 +12,9 @@ from herd.config import from_hf_dict
 from herd.model import Llama4
 from herd.train.difficulty import drop_easy, keep_window, loss_difficulty, pass_at_k
 from herd.train.losses import IGNORE, Batch
-from herd.train.post_losses import (DPOLoss, GRPOLoss, PreferenceBatch, RLBatch, dpo_terms, group_advantages,
-                                    grpo_terms, informative_groups, sequence_logprobs, target_logprobs,
-                                    token_logprobs)
+from herd.train.post_losses import (DPOLoss, GRPOLoss, PreferenceBatch, RLBatch, answer_rows, dpo_terms,
+                                    group_advantages, grpo_terms, informative_groups, sequence_logprobs,
+                                    target_logprobs, token_logprobs)
 from tests.hf_reference import hf_config_dict, randomize_
 
 
@@ -186,3 +186,110 @@ def test_loss_difficulty_is_the_mean_answer_loss():
     logps = naive_logprobs(model, batch)
     expected = [-logps[0] / 4, -logps[1] / 1]
     torch.testing.assert_close(scores, torch.tensor(expected), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Rollouts on a tiny random chat model
+# --------------------------------------------------------------------------------------------
+
+from dataclasses import replace  # noqa: E402
+
+from herd.chat import render_chat  # noqa: E402
+from herd.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
+from herd.data.corpora import stdlib_texts  # noqa: E402
+from herd.data.images import ImageProcessor  # noqa: E402
+from herd.tasks import Arithmetic, Score, get_task  # noqa: E402
+from herd.tokenizer import train_tokenizer  # noqa: E402
+from herd.train.difficulty import pass_rates  # noqa: E402
+from herd.train.rollouts import completion_rows, sample_rollouts  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def chat_model():
+    tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300)
+    text = TextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64,
+                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                      num_local_experts=2, attention_chunk_size=16, max_position_embeddings=512,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
+    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          intermediate_size=128, projector_input_dim=48, projector_output_dim=48, vision_output_dim=48)
+    config = ModelConfig(text=text, vision=vision, image_token_index=tok.patch_id,
+                         boi_token_index=tok.image_start_id, eoi_token_index=tok.image_end_id)
+    torch.manual_seed(0)
+    return tok, Llama4(config).eval(), ImageProcessor.from_config(vision, max_tiles=1)
+
+
+def test_completion_rows_mark_what_the_chat_renderer_marks(chat_model):
+    tok = chat_model[0]
+    for problem in get_task("arithmetic").problems("train", 4):
+        prompt = render_chat(problem.messages(), tok, add_generation_prompt=True).ids
+        full = render_chat(problem.messages(with_answer=True), tok)
+        assert full.ids[:len(prompt)] == prompt
+        batch, assistant = completion_rows([prompt], [full.ids[len(prompt):]], tok.pad_id)
+        assert batch.input_ids[0].tolist() == full.ids and assistant[0].tolist() == full.loss_mask
+        assert torch.equal(batch.labels, answer_rows([full], tok.pad_id).labels)
+
+
+class Lucky(Arithmetic):
+    """Marks an answer right iff the completion has an even number of characters: a checker whose
+    verdicts vary, so that groups have something to compare."""
+
+    def check(self, problem, completion, *, stopped=True):
+        return Score(float(stopped), float(len(completion) % 2 == 0))
+
+
+def test_rollouts_sample_groups_score_them_and_feed_grpo(chat_model):
+    tok, model, processor = chat_model
+    problems = get_task("arithmetic").problems("train", 2) + get_task("scenes").problems("train", 1)
+    kwargs = dict(group_size=3, max_new_tokens=6, seed=0, image_processor=processor)
+    rollouts = sample_rollouts(model, tok, problems, **kwargs)
+    assert len(rollouts) == 9 and rollouts.batch.input_ids.shape[0] == 9
+    assert rollouts.batch.pixel_values.shape[0] == 3 and rollouts.tiles_per_row.tolist() == [0] * 6 + [1] * 3
+    for i in range(9):
+        ids = rollouts.batch.input_ids[i][rollouts.assistant_mask[i]].tolist()
+        assert len(ids) <= 6 and tok.patch_id not in ids
+        assert rollouts.stopped[i] == (len(ids) > 0 and ids[-1] in (tok.eot_id, tok.eom_id, tok.end_of_text_id))
+        targets = rollouts.batch.labels[i][rollouts.batch.labels[i] != IGNORE].tolist()
+        assert targets == ids  # the completion, and only it, is the target
+        problem = problems[i // 3]
+        score = get_task(problem.task).check(problem, rollouts.completions[i], stopped=bool(rollouts.stopped[i]))
+        assert (rollouts.format_rewards[i], rollouts.answer_rewards[i]) == (score.format, score.answer)
+        assert rollouts.rewards[i] == pytest.approx(score.reward)
+    again = sample_rollouts(model, tok, problems, **kwargs)
+    assert again.completions == rollouts.completions  # seeded
+    out = GRPOLoss()(model, rollouts.rl_batch())
+    assert out.count == int(rollouts.assistant_mask.sum()) and torch.isfinite(out.loss_sum)
+    assert set(rollouts.metrics()) >= {"reward", "accuracy", "zero_advantage_groups", "completion_tokens"}
+
+
+def test_dynamic_filtering_keeps_groups_with_signal_and_their_images(chat_model):
+    tok, model, processor = chat_model
+    problems = get_task("arithmetic").problems("train", 2) + get_task("scenes").problems("train", 1)
+    rollouts = sample_rollouts(model, tok, problems, group_size=3, max_new_tokens=4, seed=1,
+                               image_processor=processor)
+    rollouts = replace(rollouts, rewards=torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.1, 0.0]))
+    keep = rollouts.informative()
+    assert keep.tolist() == [False, False, True]
+    assert (rollouts.advantages()[:6] == 0).all()  # all-equal groups carry no signal
+    assert rollouts.metrics()["zero_advantage_groups"] == pytest.approx(2 / 3)
+    kept = rollouts.select(keep)
+    assert len(kept) == 3 and kept.problems == problems[2:] and kept.completions == rollouts.completions[6:]
+    torch.testing.assert_close(kept.batch.pixel_values, rollouts.batch.pixel_values)  # the scene's tiles
+    out = GRPOLoss()(model, kept.rl_batch())
+    assert out.count == int(kept.assistant_mask.sum()) and torch.isfinite(out.loss_sum)
+    text_only = rollouts.select(torch.tensor([True, False, False]))
+    assert text_only.batch.pixel_values is None and len(text_only) == 3
+
+
+def test_pass_rates_tag_problems_from_sampled_answers(chat_model):
+    tok, model, _ = chat_model
+    problems = get_task("arithmetic").problems("train", 3)
+    rates = pass_rates(model, tok, problems, n=4, k=2, max_new_tokens=5, seed=3, tasks={"arithmetic": Lucky()})
+    rollouts = sample_rollouts(model, tok, problems, group_size=4, max_new_tokens=5, seed=3,
+                               tasks={"arithmetic": Lucky()})
+    correct = [sum(len(c) % 2 == 0 for c in rollouts.completions[4 * g:4 * g + 4]) for g in range(3)]
+    assert rates == [pass_at_k(4, c, 2) for c in correct]
+    with pytest.raises(ValueError, match="group_size"):
+        sample_rollouts(model, tok, problems, group_size=1, max_new_tokens=5)
+    with pytest.raises(ValueError, match="image_processor"):
+        sample_rollouts(model, tok, get_task("scenes").problems("train", 1), group_size=2, max_new_tokens=5)

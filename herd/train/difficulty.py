@@ -19,8 +19,10 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from ..tasks import Problem
 from .losses import IGNORE, Batch
 from .post_losses import token_logprobs
+from .rollouts import sample_rollouts
 
 T = TypeVar("T")
 
@@ -35,6 +37,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     for i in range(n - c + 1, n + 1):  # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k / i)
         fail *= 1.0 - k / i
     return 1.0 - fail
+
+
+def pass_rates(model: nn.Module, tokenizer, problems: Sequence[Problem], *, n: int, k: int = 1,
+               max_new_tokens: int, **sampling) -> list[float]:
+    """pass@k of `model` on each problem, from n sampled answers (sampling options as
+    `sample_rollouts`: temperature, top_p, seed, image_processor, tasks)."""
+    rollouts = sample_rollouts(model, tokenizer, problems, group_size=n, max_new_tokens=max_new_tokens, **sampling)
+    correct = rollouts.grouped(rollouts.answer_rewards).sum(1)
+    return [pass_at_k(n, int(c), k) for c in correct]
 
 
 @torch.no_grad()
