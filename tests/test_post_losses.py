@@ -293,3 +293,20 @@ def test_pass_rates_tag_problems_from_sampled_answers(chat_model):
         sample_rollouts(model, tok, problems, group_size=1, max_new_tokens=5)
     with pytest.raises(ValueError, match="image_processor"):
         sample_rollouts(model, tok, get_task("scenes").problems("train", 1), group_size=2, max_new_tokens=5)
+
+
+def test_preference_pairs_from_the_policys_own_samples(chat_model):
+    tok, model, processor = chat_model
+    problems = get_task("scenes").problems("train", 1) + get_task("arithmetic").problems("train", 2)
+    rollouts = sample_rollouts(model, tok, problems, group_size=3, max_new_tokens=5, seed=2,
+                               image_processor=processor)
+    # Group 0: row 1 right and tidy, rows 0 and 2 wrong; group 1: all right; group 2: right but untidy only.
+    rollouts = replace(rollouts, answer_rewards=torch.tensor([0.0, 1, 0, 1, 1, 1, 1, 0, 0]),
+                       format_rewards=torch.tensor([1.0, 1, 0, 1, 1, 1, 0, 1, 0]))
+    rollouts = replace(rollouts, rewards=rollouts.answer_rewards + 0.1 * rollouts.format_rewards)
+    assert rollouts.preference_pairs() == [(1, 2)]  # row 2 is wrong *and* untidy: the lowest reward
+    prefs = rollouts.preference_batch([(1, 2)], reference=model)
+    torch.testing.assert_close(prefs.batch.pixel_values, rollouts.batch.pixel_values[1:3])
+    assert prefs.batch.input_ids.tolist() == rollouts.batch.input_ids[[1, 2]].tolist()
+    out = DPOLoss()(model, prefs)
+    assert float(out.loss_sum.detach()) == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference

@@ -30,7 +30,7 @@ from ..chat import parse_assistant, render_chat
 from ..inference import generate, pad_prompts
 from ..tasks import Problem, Task, get_task
 from .losses import IGNORE, Batch
-from .post_losses import RLBatch, group_advantages, informative_groups
+from .post_losses import PreferenceBatch, RLBatch, group_advantages, informative_groups, sequence_logprobs
 
 if TYPE_CHECKING:
     from ..data.images import ImageProcessor
@@ -65,20 +65,45 @@ class Rollouts:
         """[N] groups whose rewards are not all equal (the others have zero advantage)."""
         return informative_groups(self.grouped(self.rewards))
 
+    def rows(self, index: Sequence[int]) -> Batch:
+        """Rows `index` of the batch (any order), with their image tiles."""
+        b, idx = self.batch, torch.as_tensor(list(index), dtype=torch.long)
+        pixels = None
+        if b.pixel_values is not None:  # each row's tiles, in the order of the chosen rows
+            first = torch.cumsum(self.tiles_per_row, 0) - self.tiles_per_row
+            tiles = [torch.arange(first[i], first[i] + self.tiles_per_row[i]) for i in idx.tolist()]
+            tiles = torch.cat(tiles) if tiles else torch.zeros(0, dtype=torch.long)
+            pixels = b.pixel_values[tiles] if len(tiles) else None
+        return Batch(b.input_ids[idx], b.labels[idx], pixel_values=pixels, attention_mask=b.attention_mask[idx])
+
     def select(self, keep: torch.Tensor) -> "Rollouts":
         """Only the groups where `keep` [N] is True (dynamic filtering)."""
         rows = keep.repeat_interleave(self.group_size)
         index = rows.nonzero().flatten().tolist()
-        b = self.batch
-        pixels = None
-        if b.pixel_values is not None:  # the tiles of the kept rows, still in row order
-            owner = torch.repeat_interleave(torch.arange(len(rows)), self.tiles_per_row)  # row of each tile
-            pixels = b.pixel_values[rows[owner]] if rows[owner].any() else None
-        batch = Batch(b.input_ids[rows], b.labels[rows], pixel_values=pixels, attention_mask=b.attention_mask[rows])
-        return Rollouts(batch, self.assistant_mask[rows], self.group_size,
+        return Rollouts(self.rows(index), self.assistant_mask[rows], self.group_size,
                         [p for p, k in zip(self.problems, keep.tolist()) if k], [self.completions[i] for i in index],
                         self.stopped[rows], self.format_rewards[rows], self.answer_rewards[rows], self.rewards[rows],
                         self.tiles_per_row[rows])
+
+    def preference_pairs(self) -> list[tuple[int, int]]:
+        """(chosen, rejected) rows for DPO from the policy's own samples, at most one pair a group:
+        chosen is right and well-formed (the shortest such), rejected is wrong, ill-formed or cut
+        off (the lowest reward, the longest among equals). Groups without both give none."""
+        lengths = self.assistant_mask.sum(1).tolist()
+        pairs = []
+        for g in range(len(self.problems)):
+            rows = range(g * self.group_size, (g + 1) * self.group_size)
+            good = [i for i in rows if self.answer_rewards[i] == 1 and self.format_rewards[i] == 1]
+            bad = [i for i in rows if self.answer_rewards[i] == 0 or self.format_rewards[i] == 0]
+            if good and bad:
+                pairs.append((min(good, key=lambda i: lengths[i]),
+                              min(bad, key=lambda i: (float(self.rewards[i]), -lengths[i]))))
+        return pairs
+
+    def preference_batch(self, pairs: Sequence[tuple[int, int]], reference: nn.Module) -> PreferenceBatch:
+        """The pairs' rows (chosen first) with the frozen reference's log-probabilities."""
+        batch = self.rows([c for c, _ in pairs] + [r for _, r in pairs])
+        return PreferenceBatch(batch, sequence_logprobs(reference, batch))
 
     def rl_batch(self, *, scale: bool = True, ref_logps: torch.Tensor | None = None) -> RLBatch:
         return RLBatch(self.batch, self.advantages(scale), ref_logps=ref_logps)
