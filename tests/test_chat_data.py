@@ -12,7 +12,7 @@ from PIL import Image
 from herd.chat import render_chat
 from herd.config import ModelConfig, TextConfig
 from herd.data.chat_data import (chat_documents, code_instructions, preference_pairs, split_records,
-                                 supervised_text, task_conversations)
+                                 supervised_text, task_conversations, user_chat_data)
 from herd.data.corpora import BadInputError, ChatDoc, PreferenceDoc, read_user_data, stdlib_texts
 from herd.data.images import ImageProcessor
 from herd.model import Llama4
@@ -132,6 +132,15 @@ def test_over_long_records_are_counted_or_rejected(tok, tmp_path, capsys):
     assert preference_pairs(prefs, tok, max_tokens=64, on_error="skip") == []
     err = capsys.readouterr().err
     assert "long.jsonl:2: over-long" in err and "long.jsonl:3: over-long" in err
+    # Read and rendered in one go, bad lines of both kinds share one count and one summary.
+    with path.open("a") as f:
+        f.write(json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
+    docs, pairs = user_chat_data(path, tok, max_tokens=64, on_error="skip")
+    assert len(docs) == 1 and pairs == []
+    err = capsys.readouterr().err
+    assert err.count("skipped") == 1 and "skipped 3 bad input" in err
+    with pytest.raises(BadInputError, match=r"long.jsonl:4: messages\[0\].role 'robot'"):  # read before rendered
+        user_chat_data(path, tok, max_tokens=64)
 
 
 def test_dpo_through_the_data_path_starts_at_log_2(tok):

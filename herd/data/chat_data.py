@@ -20,10 +20,11 @@ from __future__ import annotations
 import ast
 import textwrap
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from ..chat import RenderedChat, render_chat
-from .corpora import ChatDoc, InputErrors, OnError, PreferenceDoc, read_text_file, stdlib_files
+from .corpora import ChatDoc, InputErrors, OnError, PreferenceDoc, read_text_file, read_user_data, stdlib_files
 from .documents import Document, chat_document
 from .images import ImageError
 
@@ -108,23 +109,28 @@ def _render(messages: list[dict], source: str, tokenizer: "Tokenizer", processor
 
 
 def chat_documents(chats: Iterable[ChatDoc], tokenizer: "Tokenizer", processor: "ImageProcessor | None" = None, *,
-                   max_tokens: int | None = None, on_error: OnError = "stop") -> list[Document]:
+                   max_tokens: int | None = None, on_error: OnError = "stop",
+                   errors: InputErrors | None = None) -> list[Document]:
     """Conversations as packable documents whose targets are the assistant's tokens only."""
-    errors = InputErrors(on_error)
+    own = errors is None
+    errors = InputErrors(on_error) if own else errors
     docs = []
     for chat in chats:
         rendered = _render(chat.messages, chat.source, tokenizer, processor, max_tokens, errors)
         if rendered is not None:
             docs.append(chat_document(rendered, tokenizer, processor.tokens_per_tile if processor else None))
-    errors.print_summary()
+    if own:
+        errors.print_summary()
     return docs
 
 
 def preference_pairs(prefs: Iterable[PreferenceDoc], tokenizer: "Tokenizer",
                      processor: "ImageProcessor | None" = None, *, max_tokens: int | None = None,
-                     on_error: OnError = "stop") -> list[tuple[RenderedChat, RenderedChat]]:
+                     on_error: OnError = "stop", errors: InputErrors | None = None
+                     ) -> list[tuple[RenderedChat, RenderedChat]]:
     """(chosen, rejected) renderings of each pair: the same prompt with each reply."""
-    errors = InputErrors(on_error)
+    own = errors is None
+    errors = InputErrors(on_error) if own else errors
     pairs = []
     for pref in prefs:
         chosen = _render(pref.prompt + pref.chosen, pref.source, tokenizer, processor, max_tokens, errors)
@@ -133,7 +139,8 @@ def preference_pairs(prefs: Iterable[PreferenceDoc], tokenizer: "Tokenizer",
         rejected = _render(pref.prompt + pref.rejected, pref.source, tokenizer, processor, max_tokens, errors)
         if rejected is not None:
             pairs.append((chosen, rejected))
-    errors.print_summary()
+    if own:
+        errors.print_summary()
     return pairs
 
 
@@ -141,6 +148,19 @@ def split_records(records: Iterable) -> tuple[list[ChatDoc], list[PreferenceDoc]
     """The chats and the preference pairs of a user's records (other kinds are left out)."""
     records = list(records)
     return ([r for r in records if isinstance(r, ChatDoc)], [r for r in records if isinstance(r, PreferenceDoc)])
+
+
+def user_chat_data(path: str | Path, tokenizer: "Tokenizer", processor: "ImageProcessor | None" = None, *,
+                   max_tokens: int | None = None, on_error: OnError = "stop"
+                   ) -> tuple[list[Document], list[tuple[RenderedChat, RenderedChat]]]:
+    """A user's post-training data: the conversations as SFT documents and the preference pairs,
+    with one count (and one summary) of the bad records found reading and rendering them."""
+    errors = InputErrors(on_error)
+    chats, prefs = split_records(read_user_data(path, errors=errors))
+    docs = chat_documents(chats, tokenizer, processor, max_tokens=max_tokens, errors=errors)
+    pairs = preference_pairs(prefs, tokenizer, processor, max_tokens=max_tokens, errors=errors)
+    errors.print_summary()
+    return docs, pairs
 
 
 def supervised_text(rendered: RenderedChat, tokenizer: "Tokenizer") -> str:

@@ -272,10 +272,14 @@ def read_jsonl(path: Path, errors: InputErrors) -> Iterator[Record]:
                           "'prompt' + 'completion', or 'prompt' + 'chosen' + 'rejected')")
 
 
-def read_user_data(path: str | Path, *, on_error: OnError = "stop") -> Iterator[Record]:
-    """Every record under `path` (a file or a folder, read recursively in sorted order)."""
+def read_user_data(path: str | Path, *, on_error: OnError = "stop", errors: InputErrors | None = None
+                   ) -> Iterator[Record]:
+    """Every record under `path` (a file or a folder, read recursively in sorted order). A caller
+    that finds more bad records in what it reads passes its own `errors`, so that one count and one
+    summary cover both (it then prints the summary)."""
     path = Path(path)
-    errors = InputErrors(on_error)
+    own = errors is None
+    errors = InputErrors(on_error) if own else errors
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a folder of text/JSONL files or one file")
     if path.is_file():
@@ -291,7 +295,8 @@ def read_user_data(path: str | Path, *, on_error: OnError = "stop") -> Iterator[
             text = read_text_file(file, errors)
             if text is not None and text.strip():
                 yield TextDoc(text, str(file))
-    errors.print_summary()
+    if own:
+        errors.print_summary()
 
 
 def read_user_texts(path: str | Path, *, on_error: OnError = "stop") -> Iterator[TextDoc]:
