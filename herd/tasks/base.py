@@ -14,9 +14,10 @@ the pool never moves a key between them.
 
 from __future__ import annotations
 
+import random
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 from PIL import Image
 
@@ -87,8 +88,6 @@ class Task:
     def problems(self, split: Split, count: int, *, seed: int = 0, level: int | None = None) -> list[Problem]:
         """`count` distinct problems of `split` (at `level`, or levels in turn), the same for the same
         arguments."""
-        import random
-
         if level is not None and level not in self.levels:
             raise ValueError(f"{self.name} has levels {self.levels}, got level={level}")
         rng = random.Random(f"{self.name}:{split}:{seed}:{level}")
@@ -111,7 +110,7 @@ class Task:
         right = answer is not None and self._same(answer, problem.answer)
         return Score(format=float(well_formed and stopped), answer=float(right))
 
-    def _candidate(self, rng, level: int) -> Problem | None:
+    def _candidate(self, rng: random.Random, level: int) -> Problem | None:
         raise NotImplementedError
 
     def _same(self, given: str, truth: str) -> bool:
@@ -123,5 +122,3 @@ def same_integer(given: str, truth: str) -> bool:
     given = given.strip().rstrip(".").strip().replace(",", "")
     return re.fullmatch(r"[+-]?\d+", given) is not None and int(given) == int(truth)
 
-
-Checker = Callable[[Problem, str], Score]
