@@ -310,3 +310,25 @@ def test_preference_pairs_from_the_policys_own_samples(chat_model):
     assert prefs.batch.input_ids.tolist() == rollouts.batch.input_ids[[1, 2]].tolist()
     out = DPOLoss()(model, prefs)
     assert float(out.loss_sum.detach()) == pytest.approx(math.log(2), abs=1e-6)  # the policy is the reference
+
+
+def test_one_step_of_each_loss_moves_the_policy_the_right_way():
+    """Signs: GRPO raises the log-probability of a positive-advantage completion and lowers a
+    negative one's; DPO raises the chosen-minus-rejected margin."""
+    model, batch = tiny_model(), answer_batch([[5, 6, 7, 8, 9], [5, 6, 11, 12, 13]], [2, 2])
+    before = target_logprobs(model, batch).sum(1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    out = GRPOLoss()(model, RLBatch(batch, torch.tensor([1.0, -1.0])))
+    (out.loss_sum / out.count).backward()
+    opt.step()
+    after = target_logprobs(model, batch).sum(1)
+    assert after[0] > before[0] and after[1] < before[1]
+
+    model, batch = tiny_model(), preference_pairs()
+    prefs = PreferenceBatch(batch, sequence_logprobs(model, batch))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    first = DPOLoss(beta=0.5)(model, prefs)
+    (first.loss_sum / first.count).backward()
+    opt.step()
+    second = DPOLoss(beta=0.5)(model, prefs)
+    assert second.metrics["reward_margin"][0] > 0 and float(second.loss_sum.detach()) < float(first.loss_sum.detach())
