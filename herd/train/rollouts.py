@@ -7,8 +7,8 @@ out as rows the GRPO loss reads.
 
 Generation is herd's batched, cached `generate` (herd.inference); the model that samples may be
 the policy itself or a prepared inference copy (`prepare_for_decoding` on a copy whose weights are
-synced from the policy; faster at batch 1, not yet for batched rollouts: docs/post-training.md). The prompt is rendered by the chat renderer with
-the generation prompt; the completion is kept as the sampled ids (re-encoding its text could give
+synced from the policy; faster at batch 1, not yet for batched rollouts: docs/post-training.md).
+The prompt is rendered by the chat renderer with the generation prompt; the completion is kept as the sampled ids (re-encoding its text could give
 other ids than the ones whose probabilities the policy gave), up to and including the stop token
 (`<|eot|>`, `<|eom|>` or `<|end_of_text|>`). Those ids are what the assistant wrote, so they are the
 assistant mask, as the renderer would mark them (tested against `render_chat`). A completion cut
