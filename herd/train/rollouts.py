@@ -8,13 +8,14 @@ out as rows the GRPO loss reads.
 Generation is herd's batched, cached `generate` (herd.inference); the model that samples may be
 the policy itself or a prepared inference copy (`prepare_for_decoding` on a copy whose weights are
 synced from the policy; faster at batch 1, not yet for batched rollouts: docs/post-training.md).
-The prompt is rendered by the chat renderer with the generation prompt; the completion is kept as the sampled ids (re-encoding its text could give
-other ids than the ones whose probabilities the policy gave), up to and including the stop token
-(`<|eot|>`, `<|eom|>` or `<|end_of_text|>`). Those ids are what the assistant wrote, so they are the
-assistant mask, as the renderer would mark them (tested against `render_chat`). A completion cut
-off at `max_new_tokens` has no stop token and gets no format reward. A sampled `<|patch|>` id (an
-untrained model may emit one) would claim an image feature in the training forward that has no
-tile, so the completion is cut just before it (possibly to nothing) and counts as cut off.
+The prompt is rendered by the chat renderer with the generation prompt; the completion is kept as
+the sampled ids (re-encoding its text could give other ids than the ones whose probabilities the
+policy gave), up to and including the stop token (`<|eot|>`, `<|eom|>` or `<|end_of_text|>`). Those
+ids are what the assistant wrote, so they are the assistant mask, as the renderer would mark them
+(tested against `render_chat`). A completion cut off at `max_new_tokens` has no stop token and gets
+no format reward. A sampled `<|patch|>` id (an untrained model may emit one) would claim an image
+feature in the training forward that has no tile, so the completion is cut just before it (possibly
+to nothing) and counts as cut off.
 """
 
 from __future__ import annotations
