@@ -332,3 +332,30 @@ def test_one_step_of_each_loss_moves_the_policy_the_right_way():
     opt.step()
     second = DPOLoss(beta=0.5)(model, prefs)
     assert second.metrics["reward_margin"][0] > 0 and float(second.loss_sum.detach()) < float(first.loss_sum.detach())
+
+
+def test_rollouts_cut_at_stop_at_a_sampled_patch_id_and_at_the_limit(chat_model, monkeypatch):
+    """With generate's output fixed: a reply that stops, one cut off at max_new_tokens, and one that
+    samples <|patch|> (an image feature without a tile) and is cut before it."""
+    import herd.train.rollouts as rollouts_module
+
+    tok, model, _ = chat_model
+    problem = get_task("arithmetic").problems("train", 1)[0]
+    right = tok.encode(f"Answer: {problem.answer}")
+    replies = [right + [tok.eot_id, tok.pad_id, tok.pad_id],  # stopped; generate pads after the stop
+               (right * 3)[:len(right) + 3],  # never stopped
+               right[:2] + [tok.patch_id] + right[2:4]]  # a <|patch|> id mid-reply
+    width = max(map(len, replies))
+
+    def fake_generate(model, input_ids, max_new_tokens, **kwargs):
+        new = torch.tensor([r + [tok.pad_id] * (width - len(r)) for r in replies])
+        return torch.cat([input_ids, new], 1)
+
+    monkeypatch.setattr(rollouts_module, "generate", fake_generate)
+    rollouts = sample_rollouts(model, tok, [problem], group_size=3, max_new_tokens=width)
+    written = [rollouts.batch.input_ids[i][rollouts.assistant_mask[i]].tolist() for i in range(3)]
+    assert written == [right + [tok.eot_id], replies[1], right[:2]]
+    assert rollouts.stopped.tolist() == [True, False, False]
+    assert rollouts.answer_rewards.tolist() == [1.0, 0.0, 0.0] and rollouts.format_rewards.tolist() == [1.0, 0.0, 0.0]
+    out = GRPOLoss()(model, rollouts.rl_batch())  # no <|patch|> reaches the forward
+    assert out.count == len(right) + 1 + len(replies[1]) + 2
