@@ -58,6 +58,19 @@ def test_letter_counting_words_and_the_strawberry_case():
         task.problems("train", 1, level=7)
 
 
+def test_a_held_out_sum_is_held_out_in_either_order():
+    import re
+
+    task = get_task("arithmetic")
+    expression = lambda p: re.search(r"\d+ [-+*] \d+", p.prompt).group(0)  # noqa: E731
+    train = {expression(p) for p in task.problems("train", 150, level=1)}
+    for p in task.problems("test", 30, level=1):
+        a, op, b = expression(p).split()
+        assert f"{a} {op} {b}" not in train
+        if op == "+":
+            assert f"{b} {op} {a}" not in train
+
+
 def test_levels_get_harder():
     arithmetic = get_task("arithmetic")
     assert all(len(p.answer) <= 2 for p in arithmetic.problems("train", 20, level=1))

@@ -2,7 +2,9 @@
 
 Levels: 1 = a + b or a - b with one-digit numbers, 2 = two-digit + and -, 3 = a one-digit times a
 two-digit number, 4 = three two-digit numbers with + and -, evaluated left to right. The
-expression (as written) is the split key. The worked answer writes one operation per line.
+expression is the split key, with the operands of a two-term sum or product in order ("4 + 3" is
+keyed "3 + 4"), so a held-out problem's mirror image is held out too. The worked answer writes
+one operation per line.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ class Arithmetic(Task):
         expression = " ".join([str(numbers[0])] + [f"{op} {b}" for op, b in zip(ops, numbers[1:])])
         worked = worked_answer(numbers, ops)
         answer = worked.rsplit("Answer: ", 1)[1]
-        return Problem(self.name, expression, rng.choice(TEMPLATES).format(e=expression), answer, worked, level)
+        key = expression
+        if ops in (["+"], ["*"]):
+            key = f"{min(numbers)} {ops[0]} {max(numbers)}"
+        return Problem(self.name, key, rng.choice(TEMPLATES).format(e=expression), answer, worked, level)
 
     def _same(self, given: str, truth: str) -> bool:
         return same_integer(given, truth)
