@@ -51,12 +51,13 @@ def function_instruction(source: str, node: ast.FunctionDef | ast.AsyncFunctionD
         return None
     lines = source.splitlines()
     header = lines[node.lineno - 1:node.body[0].lineno - 1]  # from `def` to the line before the docstring
-    if not header or ":" not in header[-1]:
-        return None  # `def f(): """doc"""; ...` on one line: no clean split
+    if not header or not header[-1].rstrip().endswith(":"):
+        return None  # docstring on the `def` line, or a comment before it: no clean split
     body = lines[node.body[1].lineno - 1:node.end_lineno]
     header = textwrap.dedent("\n".join(header))
     body = textwrap.dedent("\n".join(body))
-    request = f"Write this Python function:\n\n{header}\n{textwrap.indent(chr(34) * 3 + doc + chr(34) * 3, '    ')}"
+    docstring = textwrap.indent(f'"""{doc}"""', "    ")
+    request = f"Write this Python function:\n\n{header}\n{docstring}"
     answer = f"{header}\n{textwrap.indent(body, '    ')}"
     return [{"role": "user", "content": request}, {"role": "assistant", "content": answer}]
 
