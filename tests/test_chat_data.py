@@ -61,7 +61,8 @@ def test_code_instructions_ask_with_signature_and_docstring_and_answer_with_the_
     for chat in chats:
         request, answer = chat.messages[0]["content"], chat.messages[1]["content"]
         header = answer.split(":\n", 1)[0]
-        assert request.startswith("Write this Python function:\n\ndef ") and header in request and '"""' in request
+        assert request.startswith(("Write this Python function:\n\ndef ", "Write this Python function:\n\nasync def "))
+        assert header in request and '"""' in request
         tree = ast.parse(answer)  # the answer is a whole function, docstring left out
         assert isinstance(tree.body[0], (ast.FunctionDef, ast.AsyncFunctionDef))
         assert ast.get_docstring(tree.body[0]) is None
