@@ -7,11 +7,17 @@ every machine and every run, and adding a file never moves another.
 
 User data is a folder (or single file) of:
 - plain text files (any extension but .jsonl and image formats): one document per file;
-- JSONL, one record per line: `{"text": ...}`, `{"messages": [...]}` (a chat) or
-  `{"image": path, "text": ...}` (an image-text pair; the path is relative to the JSONL file).
+- JSONL, one record per line: `{"text": ...}`, `{"image": path, "text": ...}` (an image-text pair;
+  the path is relative to the JSONL file), or a chat in one of TRL's formats:
+  `{"messages": [...]}`, `{"prompt": ..., "completion": ...}` (read as one chat) and
+  `{"prompt": ..., "chosen": ..., "rejected": ...}` (a preference pair). A prompt, completion,
+  chosen or rejected value is a list of messages or a plain string (TRL's "standard" format: a
+  user turn for the prompt, an assistant turn for the others). Message content is a string or a
+  list of parts, `{"type": "text", "text": ...}` / `{"type": "image", "image": path}`.
 
-Bad input (unreadable file, non-UTF-8 text, a line that is not JSON or lacks its field) is reported
-as `file:line: problem`. With `on_error="stop"` the first one raises `BadInputError`; with "skip" it
+Bad input (unreadable file, non-UTF-8 text, a line that is not JSON or lacks its field, a message
+with a missing or unknown role or empty content, an image that does not open) is reported as
+`file:line: problem`. With `on_error="stop"` the first one raises `BadInputError`; with "skip" it
 is counted and a summary naming the first few is printed to stderr when the reader finishes.
 """
 
@@ -25,6 +31,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from ..chat import ROLES
+from .images import ImageError, load_image
 
 OnError = Literal["skip", "stop"]
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp"})
@@ -53,7 +62,15 @@ class ImageTextDoc:
     source: str
 
 
-Record = TextDoc | ChatDoc | ImageTextDoc
+@dataclass(frozen=True)
+class PreferenceDoc:
+    prompt: list[dict]  # the conversation so far
+    chosen: list[dict]  # the preferred reply (assistant messages)
+    rejected: list[dict]
+    source: str
+
+
+Record = TextDoc | ChatDoc | ImageTextDoc | PreferenceDoc
 
 
 @dataclass
@@ -151,14 +168,74 @@ def stdlib_texts(split: Literal["train", "validation"] = "train", *, max_files: 
 # User data
 # --------------------------------------------------------------------------------------------
 
-def _check_messages(messages) -> str | None:
-    """Why a `messages` value is not a chat, or None if it is one."""
+def _as_messages(value, role: str):
+    """TRL's standard format (a plain string) as one message; a list is already messages."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def _check_messages(messages, base: Path, name: str = "messages") -> tuple[list[dict] | None, str | None]:
+    """(the messages with image paths resolved against `base`, None) or (None, why they are not a chat)."""
     if not isinstance(messages, list) or not messages:
-        return "'messages' must be a non-empty list"
+        return None, f"'{name}' must be a non-empty list of messages or a string"
+    checked = []
     for i, m in enumerate(messages):
+        where = f"{name}[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str) or "content" not in m:
-            return f"messages[{i}] must be an object with 'role' and 'content'"
-    return None
+            return None, f"{where} must be an object with 'role' and 'content'"
+        if m["role"] not in ROLES + ("tool",):
+            return None, f"{where}.role {m['role']!r} is not one of {', '.join(ROLES)} (or 'tool')"
+        content = m["content"]
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text" and isinstance(part.get("text"), str):
+                    parts.append(part)
+                elif kind == "image" and isinstance(part.get("image"), str):
+                    path = base / part["image"]
+                    try:  # opened now, so that a broken image is reported with its line, not mid-training
+                        load_image(path)
+                    except ImageError as e:
+                        return None, f"{where}.content[{j}]: {e}"
+                    parts.append({"type": "image", "image": str(path)})
+                else:
+                    return None, (f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} or "
+                                  f"{{'type': 'image', 'image': path}}")
+            content = parts
+        elif not (isinstance(content, str) or content is None):
+            return None, f"{where}.content must be a string or a list of parts"
+        text = content if isinstance(content, str) else "".join(p.get("text", "") for p in content or [])
+        has_image = isinstance(content, list) and any(p["type"] == "image" for p in content)
+        if not text.strip() and not has_image and not m.get("tool_call"):
+            return None, f"{where} ({m['role']}) has empty content"
+        checked.append({**m, "content": content})
+    return checked, None
+
+
+def _chat_record(obj: dict, base: Path, where: str) -> tuple[Record | None, str | None]:
+    """A `messages`, `prompt`/`completion` or `prompt`/`chosen`/`rejected` record, or why it is bad."""
+    if "messages" in obj:
+        messages, problem = _check_messages(obj["messages"], base)
+        return (ChatDoc(messages, where) if messages else None), problem
+    if "prompt" not in obj:
+        return None, "a 'chosen'/'rejected' pair needs its 'prompt'"
+    prompt, problem = _check_messages(_as_messages(obj["prompt"], "user"), base, "prompt")
+    if problem:
+        return None, problem
+    names = ("chosen", "rejected") if "chosen" in obj or "rejected" in obj else ("completion",)
+    replies = []
+    for name in names:
+        if name not in obj:
+            return None, f"a preference record needs 'prompt', 'chosen' and 'rejected'; '{name}' is missing"
+        reply, problem = _check_messages(_as_messages(obj[name], "assistant"), base, name)
+        if problem:
+            return None, problem
+        if not any(m["role"] == "assistant" for m in reply):
+            return None, f"'{name}' has no assistant message: it is what the model should (not) answer"
+        replies.append(reply)
+    if len(replies) == 1:
+        return ChatDoc(prompt + replies[0], where), None
+    return PreferenceDoc(prompt, replies[0], replies[1], where), None
 
 
 def read_jsonl(path: Path, errors: InputErrors) -> Iterator[Record]:
@@ -177,12 +254,12 @@ def read_jsonl(path: Path, errors: InputErrors) -> Iterator[Record]:
             continue
         if not isinstance(obj, dict):
             errors(where, f"expected a JSON object, got {type(obj).__name__}")
-        elif "messages" in obj:
-            problem = _check_messages(obj["messages"])
+        elif any(key in obj for key in ("messages", "prompt", "chosen", "rejected")):
+            record, problem = _chat_record(obj, path.parent, where)
             if problem:
                 errors(where, problem)
             else:
-                yield ChatDoc(obj["messages"], where)
+                yield record
         elif "image" in obj:
             if not isinstance(obj["image"], str) or not isinstance(obj.get("text"), str):
                 errors(where, "an image-text record needs string fields 'image' (a path) and 'text'")
@@ -191,13 +268,18 @@ def read_jsonl(path: Path, errors: InputErrors) -> Iterator[Record]:
         elif isinstance(obj.get("text"), str):
             yield TextDoc(obj["text"], where)
         else:
-            errors(where, "expected a string field 'text', a 'messages' list, or 'image' + 'text'")
+            errors(where, "expected a string field 'text', 'image' + 'text', or a chat ('messages', "
+                          "'prompt' + 'completion', or 'prompt' + 'chosen' + 'rejected')")
 
 
-def read_user_data(path: str | Path, *, on_error: OnError = "stop") -> Iterator[Record]:
-    """Every record under `path` (a file or a folder, read recursively in sorted order)."""
+def read_user_data(path: str | Path, *, on_error: OnError = "stop", errors: InputErrors | None = None
+                   ) -> Iterator[Record]:
+    """Every record under `path` (a file or a folder, read recursively in sorted order). A caller
+    that finds more bad records in what it reads passes its own `errors`, so that one count and one
+    summary cover both (it then prints the summary)."""
     path = Path(path)
-    errors = InputErrors(on_error)
+    own = errors is None
+    errors = InputErrors(on_error) if own else errors
     if not path.exists():
         raise FileNotFoundError(f"{path} does not exist: give a folder of text/JSONL files or one file")
     if path.is_file():
@@ -213,7 +295,8 @@ def read_user_data(path: str | Path, *, on_error: OnError = "stop") -> Iterator[
             text = read_text_file(file, errors)
             if text is not None and text.strip():
                 yield TextDoc(text, str(file))
-    errors.print_summary()
+    if own:
+        errors.print_summary()
 
 
 def read_user_texts(path: str | Path, *, on_error: OnError = "stop") -> Iterator[TextDoc]:

@@ -87,7 +87,7 @@ def user_documents(path: str | Path, tokenizer: "Tokenizer", processor: ImagePro
     an invalid conversation is reported with its file and line, like a bad JSON line."""
     errors = InputErrors(on_error)
     docs = []
-    for record in read_user_data(path, on_error=on_error):
+    for record in read_user_data(path, errors=errors):
         try:
             if isinstance(record, TextDoc):
                 docs.append(text_document(record.text, tokenizer))
