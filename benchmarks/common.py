@@ -8,6 +8,7 @@ import tempfile
 
 import torch
 
+import herd
 from herd.config import ModelConfig, TextConfig
 
 
@@ -26,7 +27,7 @@ def hf_twin(model):
     from transformers import Llama4ForCausalLM
 
     with tempfile.TemporaryDirectory() as tmp:
-        model.save_pretrained(tmp)
+        herd.save_pretrained(model, tmp)
         return Llama4ForCausalLM.from_pretrained(tmp, attn_implementation="sdpa")
 
 

@@ -30,7 +30,7 @@ import torch
 
 from common import benchmark_config, hf_twin
 
-from herd.inference import generate_stream, prepare_for_decoding
+from herd.inference import generate, generate_stream, prepare_for_decoding
 from herd.model import Llama4
 from herd.train.metrics import measure_matmul_peak
 
@@ -159,7 +159,7 @@ def main():
 
         hf = hf_twin(model).eval()
         with torch.no_grad():
-            same_tokens = torch.equal(fast.generate(prompt, 16, temperature=0.0, stop_token_ids=[]),
+            same_tokens = torch.equal(generate(fast, prompt, 16, temperature=0.0, stop_token_ids=[]),
                                       hf.generate(prompt, max_new_tokens=16, do_sample=False, pad_token_id=0))
         runs["transformers"] = hf_run(hf, prompt, args.new)
     t = time.perf_counter()

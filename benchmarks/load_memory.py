@@ -139,6 +139,7 @@ def write_random_checkpoint(config, path: Path, shard_bytes: int):
     """Random bf16 weights, built on the meta device and filled in place (no fp32 copy), saved by herd."""
     import torch
 
+    import herd
     from herd.model import Llama4
 
     with torch.device("meta"):
@@ -148,7 +149,7 @@ def write_random_checkpoint(config, path: Path, shard_bytes: int):
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0.0, 0.02, generator=gen)
-    model.save_pretrained(path, max_shard_size=shard_bytes)
+    herd.save_pretrained(model, path, max_shard_size=shard_bytes)
 
 
 def _gib(n: int) -> str:

@@ -31,17 +31,22 @@ from herd.train.config import TrainConfig  # noqa: E402
 from herd.train.loop import train  # noqa: E402
 from herd.train.losses import Batch, causal_lm_loss  # noqa: E402
 from herd.train.metrics import read_metrics  # noqa: E402
-from herd.train.sources import StepSource  # noqa: E402
 
 
-class FixedBatches(StepSource):
+class FixedBatches:
     """The same batch every step (throughput only)."""
 
     def __init__(self, batch: Batch):
         self.fixed = batch
 
-    def batch(self, step: int) -> Batch:
+    def __next__(self) -> Batch:
         return self.fixed
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def main():

@@ -21,6 +21,8 @@ import torch
 
 from herd.config import ModelConfig, TextConfig
 from herd.data.corpora import stdlib_texts
+from herd.data.datasets import text_documents
+from herd.data.packing import PackedLoader
 from herd.model import Llama4
 from herd.tokenizer import train_tokenizer
 from herd.train.config import TrainConfig
@@ -28,7 +30,6 @@ from herd.train.loop import train
 from herd.train.losses import causal_lm_loss
 from herd.train.metap import metap_init_
 from herd.train.metrics import read_metrics
-from herd.train.sources import TextWindows, TokenStream
 
 BASE_WIDTH, DEPTH, HEAD_DIM = 64, 2, 32
 
@@ -57,7 +58,7 @@ def main():
 
     texts = [d.text for d in stdlib_texts("train", max_bytes=2_000_000)]
     tokenizer = train_tokenizer(texts[: len(texts) // 2], num_bpe_ranks=1024)
-    stream = TokenStream([tokenizer.encode(t, bos=True) for t in texts], tokenizer.end_of_text_id)
+    docs = text_documents(texts, tokenizer)
     vocab = tokenizer.vocab_size
 
     rows = []
@@ -69,7 +70,7 @@ def main():
                                   balance="bias", metap=metap, base_width=BASE_WIDTH, base_depth=DEPTH,
                                   log_every=1, eval_every=10**6, ckpt_every=10**6, progress=False)
                 with tempfile.TemporaryDirectory() as tmp:
-                    train(model_at(width, vocab, metap), cfg, TextWindows(stream, 8, 128, seed=0), causal_lm_loss,
+                    train(model_at(width, vocab, metap), cfg, PackedLoader(docs, seq_len=128, batch_size=8, pad_id=tokenizer.pad_id), causal_lm_loss,
                           Path(tmp))
                     recs = [r for r in read_metrics(Path(tmp) / "metrics.jsonl") if r["kind"] == "train"]
                 tail = [r["loss"] for r in sorted(recs, key=lambda r: r["step"])[-20:]]

@@ -17,15 +17,17 @@ import json
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from herd.config import ModelConfig, TextConfig
+from herd.data.documents import Document
+from herd.data.packing import PackedLoader
 from herd.model import Llama4
 from herd.model.moe import MoE
 from herd.train.config import TrainConfig
 from herd.train.loop import train
 from herd.train.losses import causal_lm_loss
-from herd.train.sources import TextWindows, TokenStream
 
 
 def collapse_prone_model(seed: int = 0) -> Llama4:
@@ -47,11 +49,12 @@ def collapse_prone_model(seed: int = 0) -> Llama4:
     return model
 
 
-def pattern_data(batch: int = 8, seq: int = 32) -> TextWindows:
+def pattern_data(batch: int = 8, seq: int = 32) -> PackedLoader:
     g = torch.Generator().manual_seed(0)
     docs = [(torch.randint(3, 128, (1,), generator=g) + torch.arange(64) * torch.randint(1, 9, (1,), generator=g))
             .remainder(125).add(3).tolist() for _ in range(64)]
-    return TextWindows(TokenStream(docs, eos_id=1), batch, seq)
+    docs = [Document(np.array(d + [1]), np.ones(len(d) + 1, dtype=bool)) for d in docs]  # 1: end of text
+    return PackedLoader(docs, seq_len=seq, batch_size=batch, pad_id=2)
 
 
 def run(balance: str, steps: int, run_dir: Path, bias_rate: float = 0.02, aux_weight: float = 0.05) -> dict:

@@ -14,4 +14,11 @@ def from_pretrained(path, **kwargs):
     return _load(path, **kwargs)
 
 
-__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "PRESETS", "get_preset", "from_pretrained"]
+def save_pretrained(model, path, **kwargs):
+    """Writes `model` as a Hugging Face checkpoint directory (see `herd.hf.save_pretrained`)."""
+    from .hf import save_pretrained as _save
+
+    _save(model, path, **kwargs)
+
+
+__all__ = ["ModelConfig", "TextConfig", "VisionConfig", "PRESETS", "get_preset", "from_pretrained", "save_pretrained"]

@@ -15,8 +15,8 @@ The renderer owns the loss mask (SFT, DPO and RL all consume it): a token is sup
 assistant wrote it, i.e. assistant content, tool calls and their closing `<|eot|>`/`<|eom|>`.
 Headers, prompts, tool results and image tokens are not.
 
-`CHAT_TEMPLATE` is the same format as a Jinja template; `Tokenizer.save` stores it so that
-`transformers`' `apply_chat_template` gives the same ids (images stay one `<|image|>` there; herd
+`herd.tokenizer.CHAT_TEMPLATE` is the same format as a Jinja template; `Tokenizer.save` stores it
+so that `transformers`' `apply_chat_template` gives the same ids (images stay one `<|image|>` there; herd
 expands each one to its tile layout when given an image processor). Unlike Meta's template, it
 does not trim the system message or JSON-encode tool results: content is rendered as given.
 """
@@ -38,31 +38,6 @@ if TYPE_CHECKING:
 
 ROLES = ("system", "user", "assistant", "ipython")
 
-CHAT_TEMPLATE = """{{- bos_token }}
-{%- for message in messages %}
-    {%- set role = 'ipython' if message['role'] == 'tool' else message['role'] %}
-    {{- '<|header_start|>' + role + '<|header_end|>\n\n' }}
-    {%- if message['content'] is string %}
-        {{- message['content'] }}
-    {%- elif message['content'] is not none %}
-        {%- for part in message['content'] %}
-            {%- if part['type'] == 'image' %}
-                {{- '<|image|>' }}
-            {%- else %}
-                {{- part['text'] }}
-            {%- endif %}
-        {%- endfor %}
-    {%- endif %}
-    {%- if message['tool_call'] is defined and message['tool_call'] is not none %}
-        {{- '<|python_start|>' + message['tool_call'] + '<|python_end|><|eom|>' }}
-    {%- else %}
-        {{- '<|eot|>' }}
-    {%- endif %}
-{%- endfor %}
-{%- if add_generation_prompt %}
-    {{- '<|header_start|>assistant<|header_end|>\n\n' }}
-{%- endif %}
-"""
 
 
 @dataclass

@@ -190,6 +190,12 @@ def _write_atomic(target: Path, write):
 
 
 def save_pretrained(model: Llama4, path: str | Path, max_shard_size: int = 5 * 2**30):
+    """Writes a checkpoint directory that `transformers` and `herd.from_pretrained` both load (a
+    quantized model writes herd's own quantized layout, which herd loads)."""
+    if getattr(model, "decode_ready", False):
+        # Its fused, blocked weights have no Hugging Face names: the saved keys would load nowhere.
+        raise ValueError("save_pretrained: this model was prepared for decoding (prepare_for_decoding fuses and "
+                         "re-blocks its weights); save the model before preparing it, or load the checkpoint again")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     multimodal = model.config.vision is not None

@@ -1,19 +1,16 @@
 """`herd train`: the end-to-end main job, from raw text and images to a report and a checkpoint.
 
     tokenizer   train a byte-level BPE on the code corpus (or load one)
-    data        tokenize code into a packed stream; draw synthetic scenes for the vision stages
-    stages      (SPEC 6, each resumable, each reachable with --stages=NAME)
-      contrastive  CLIP-style pretraining of the vision encoder on image-caption pairs
-      text         language-model pretraining on code (the bulk of the compute)
-      align        adapter alignment: vision tower + projector learn, the language model is frozen
-      joint        early-fusion training on a mixture of code and captioned images, all weights
+    data        tokenize code into documents (images are drawn when a stage first needs them)
+    stages      a list of recipes (herd.train.recipes), each resumable, each reachable with
+                --stages=NAME: contrastive, text, align, joint by default
     results     a Hugging Face checkpoint with the tokenizer, samples, NLL by position,
                 held-out captioning, and report.md with plots
 
-Every stage goes through the one training loop (herd.train.loop); this file only chooses data,
-loss, frozen parameters and evaluation per stage. Re-running the same command after an
-interruption resumes: finished stages load their last checkpoint, the interrupted one continues
-from its newest checkpoint with the same batches it would have seen.
+This file keeps only the order: what each stage trains on, with which loss, which weights and
+which evaluation, is its recipe; every stage goes through the one training loop. Re-running the
+same command after an interruption resumes: finished stages load their last checkpoint, the
+interrupted one continues from its newest checkpoint with the same batches it would have seen.
 """
 
 from __future__ import annotations
@@ -23,15 +20,17 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import ModelConfig
 from .model import Llama4
 from .presets import get_preset
 from .tokenizer import Tokenizer, train_tokenizer
-from .train.config import PRESETS, STAGES, RunConfig, TrainConfig, apply_overrides, parse_overrides
+from .train.config import PRESETS, STAGES, RunConfig, apply_overrides, parse_overrides
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,11 +57,10 @@ def load_or_train_tokenizer(cfg: RunConfig, out: Path, texts) -> Tokenizer:
 def model_config_for(preset: str, tokenizer: Tokenizer) -> ModelConfig:
     """The preset's shape with the vocabulary and special ids of `tokenizer`."""
     config = get_preset(preset)
-    special = lambda name: tokenizer.special_id(name)  # noqa: E731
     text = dataclasses.replace(config.text, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                                eos_token_id=tokenizer.end_of_text_id, pad_token_id=tokenizer.pad_id)
     return dataclasses.replace(config, text=text, image_token_index=tokenizer.patch_id,
-                               boi_token_index=special("<|image_start|>"), eoi_token_index=special("<|image_end|>"))
+                               boi_token_index=tokenizer.image_start_id, eoi_token_index=tokenizer.image_end_id)
 
 
 def code_documents(cfg: RunConfig) -> tuple[list[str], list[str]]:
@@ -87,40 +85,44 @@ def _spread(texts: list[str], max_bytes: int) -> list[str]:
     return texts[::stride]
 
 
-def _freeze_all_but(model: Llama4, prefixes: tuple[str, ...]) -> None:
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith(prefixes))
-
-
-TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
+def unigram_loss(train_docs, val_docs, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the validation tokens under the training tokens' add-one
+    unigram distribution: the loss of a model that knows token frequencies and nothing else."""
+    counts = np.bincount(np.concatenate([d.tokens for d in train_docs]), minlength=vocab_size) + 1.0
+    logp = np.log(counts / counts.sum())
+    return float(-logp[np.concatenate([d.tokens for d in val_docs])].mean())
 
 
 # ------------------------------------------------------------------------------------------------
 # The job
 # ------------------------------------------------------------------------------------------------
 
-def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
-    """Runs (or resumes) the job in `cfg.out`; returns the summary that report.md is built from."""
-    from .train.captions import CaptionRows, ContrastivePairs, Mixture, SceneSet, caption_accuracy, generate_captions
-    from .train.checkpoint import check_writable, save_model
-    from .train.evaluate import LMEvaluator, nll_by_position, token_byte_lengths
-    from .train.loop import train
-    from .train.losses import ContrastiveLoss, causal_lm_loss
-    from .train.metap import metap_init_
-    from .train.metrics import measure_matmul_peak, training_flops_per_token
-    from .train.sources import TextWindows, TokenStream
+Recipe = Callable  # (herd.train.recipes.Run) -> Stage | None
 
+
+def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
+    """Runs (or resumes) the job in `cfg.out`: the named stages (or recipes) in order, then the export
+    and the report. Returns the summary that report.md is built from."""
+    from .data.datasets import text_documents
     from .distributed import init_distributed
+    from .train.balance import LoadBalancer
+    from .train.captions import caption_accuracy, generate_captions
+    from .train.checkpoint import check_writable, save_model
+    from .train.evaluate import nll_by_position
+    from .train.metap import metap_init_
+    from .train.metrics import measure_matmul_peak
+    from .train.recipes import RECIPES, Run, run_stage
 
-    unknown = [s for s in stages if s not in STAGES]
+    unknown = [s for s in stages if isinstance(s, str) and s not in RECIPES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(STAGES)}")
+        raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(RECIPES)}")
+    recipes = [RECIPES[s] if isinstance(s, str) else s for s in stages]
     t0 = time.perf_counter()
     out = Path(cfg.out)
     ctx = init_distributed()  # None unless started by torchrun with several processes
     main_rank = ctx is None or ctx.is_main
-    if ctx is not None and set(stages) != {"text"}:
-        stages = ("text",)
+    if ctx is not None and recipes != [RECIPES["text"]]:
+        recipes = [RECIPES["text"]]
         if main_rank:
             print("distributed run: text pretraining only (FSDP2 + expert parallelism); run the vision "
                   "stages in one process (--stages=contrastive,align,joint) from its checkpoint")
@@ -143,96 +145,42 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
         torch.distributed.barrier()
         tokenizer = load_or_train_tokenizer(cfg, out, train_texts)
     t = lap("tokenizer", t)
-    encode = lambda texts: [[tokenizer.bos_id] + ids for ids in tokenizer.encode_batch(texts)]  # noqa: E731
-    train_docs, val_docs = encode(train_texts), encode(val_texts)
-    train_stream = TokenStream(train_docs, tokenizer.end_of_text_id)
-    val_stream = TokenStream(val_docs, tokenizer.end_of_text_id)
-    model_cfg = model_config_for(cfg.model, tokenizer)
-    vision = model_cfg.vision
-    need_images = vision is not None and any(s in stages and getattr(cfg, f"{s}_steps") > 0
-                                             for s in ("contrastive", "align", "joint"))
-    if need_images:
-        scenes = SceneSet(tokenizer, vision.image_size, vision.patch_size, cfg.images, seed=tc.seed)
-        heldout = SceneSet(tokenizer, vision.image_size, vision.patch_size, cfg.heldout_images,
-                           start=10_000_000, seed=tc.seed)
+    train_docs, val_docs = text_documents(train_texts, tokenizer), text_documents(val_texts, tokenizer)
     t = lap("data", t)
+    peak = measure_matmul_peak()
     if main_rank:
-        print(f"data: {len(train_stream):,} training tokens ({len(train_docs)} files), {len(val_stream):,} "
-              f"validation tokens; {cfg.images if need_images else 0} training scenes; {tokenizer}")
+        print(f"data: {sum(map(len, train_docs)):,} training tokens ({len(train_docs)} files), "
+              f"{sum(map(len, val_docs)):,} validation tokens; {tokenizer}\n"
+              f"matmul peak of this machine: {peak / 1e9:.1f} GFLOP/s (measured)")
 
     torch.manual_seed(tc.seed)
-    model = Llama4(model_cfg)
+    model = Llama4(model_config_for(cfg.model, tokenizer))
     if tc.metap:
         metap_init_(model, tc.base_width, tc.base_depth)
-    byte_lengths = token_byte_lengths(tokenizer)
-    code_eval = LMEvaluator([TextWindows(val_stream, tc.batch_size, tc.seq_len, seed=tc.seed + 1).batch(i)
-                             for i in range(tc.eval_batches)], byte_lengths)
-    peak = measure_matmul_peak()
-    flops = training_flops_per_token(model, tc.seq_len)
-    results: dict[str, dict] = {}
-
-    def stage_config(steps: int, lr: float, **changes) -> TrainConfig:
-        return dataclasses.replace(tc, steps=steps, lr=lr, warmup_steps=min(tc.warmup_steps, max(1, steps // 5)),
-                                   eval_every=min(tc.eval_every, steps), ckpt_every=min(tc.ckpt_every, steps),
-                                   **changes)
-
-    checkpointer = None
+    job = Run(cfg, out, tokenizer, model, train_docs, val_docs, peak)
     if ctx is not None:
         from .distributed import parallelize
         from .distributed.checkpoint import ShardedCheckpointer
 
-        model = parallelize(model, ctx.mesh)
-        checkpointer = ShardedCheckpointer(out / "checkpoints" / "text", tc.keep_checkpoints)
-
-    def fit(stage: str, scfg: TrainConfig, data, loss, evaluate, trainable: tuple[str, ...]):
-        _freeze_all_but(model, trainable)
-        start = time.perf_counter()
-        result = train(model, scfg, data, loss, out, stage=stage, evaluate=evaluate, checkpointer=checkpointer,
-                       flops_per_token=flops if stage in ("text", "joint") else None, peak_flops=peak)
-        timings[stage] = time.perf_counter() - start
-        results[stage] = {"loss": result.loss, **result.eval}
+        job.model = model = parallelize(model, ctx.mesh)
+        job.rank, job.world_size = ctx.rank, ctx.world_size
+        job.checkpointer = ShardedCheckpointer(out / "checkpoints" / "text", tc.keep_checkpoints)
 
     # ---- stages
-    if "contrastive" in stages and cfg.contrastive_steps and need_images:
-        clip = ContrastiveLoss(vision.projector_output_dim, model_cfg.text.hidden_size)
-        held = ContrastivePairs(heldout, len(heldout), seed=tc.seed + 1).batch(0)
-
-        def retrieval(m):
-            img, txt = clip.embed_images(m, held.pixel_values), clip.embed_texts(m, held.input_ids, held.attention_mask)
-            top1 = (img @ txt.T).argmax(1) == torch.arange(len(img))
-            return {"loss": clip(m, held).loss_sum.item() / len(img), "image_to_text_top1": top1.float().mean().item(),
-                    "chance": 1 / len(img)}
-
-        fit("contrastive", stage_config(cfg.contrastive_steps, cfg.contrastive_lr, balance="none"),
-            ContrastivePairs(scenes, cfg.image_batch, seed=tc.seed), clip, retrieval, ("vision.",))
-    if "text" in stages and tc.steps:
-        rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-        fit("text", tc, TextWindows(train_stream, tc.batch_size, tc.seq_len, seed=tc.seed, rank=rank,
-                                    world_size=world), causal_lm_loss, code_eval, TEXT_TOWER)
-    if need_images:
-        caption_eval = LMEvaluator([CaptionRows(heldout, tc.batch_size, tc.seq_len, tokenizer.pad_id,
-                                                seed=tc.seed + 1).rows(i, tc.batch_size) for i in range(2)])
-    if "align" in stages and cfg.align_steps and need_images:
-        fit("align", stage_config(cfg.align_steps, cfg.align_lr, balance="none"),
-            CaptionRows(scenes, tc.batch_size, tc.seq_len, tokenizer.pad_id, seed=tc.seed), causal_lm_loss,
-            caption_eval, ("vision.", "projector."))
-    if "joint" in stages and cfg.joint_steps and need_images:
-        rows = max(1, round(tc.batch_size * cfg.caption_fraction))
-        mixture = Mixture(TextWindows(train_stream, tc.batch_size, tc.seq_len, seed=tc.seed + 7),
-                          CaptionRows(scenes, tc.batch_size, tc.seq_len, tokenizer.pad_id, seed=tc.seed + 7), rows)
-        fit("joint", stage_config(cfg.joint_steps, cfg.joint_lr), mixture, causal_lm_loss,
-            lambda m: {**code_eval(m), "caption_loss": caption_eval(m)["loss"]}, ("",))
+    for recipe in recipes:
+        stage = recipe(job)
+        if stage is not None:
+            run_stage(job, stage)
+    timings |= job.timings
     t = time.perf_counter()
 
     # ---- results: checkpoint, evaluations, samples
     model.eval()
     with torch.no_grad():
-        with_bias = code_eval(model)
+        with_bias = job.code_eval(model)
     # The selection bias steered training only; the checkpoint (and everything below) is the plain
     # reference forward that transformers also runs.
-    for m in model.modules():
-        if hasattr(m, "selection_bias"):
-            m.selection_bias = None
+    LoadBalancer(model, "none").detach()
     final = out / "model"
     if ctx is not None:  # gather the shards into one HF checkpoint; rank 0 evaluates it alone
         from .distributed.checkpoint import export_hf
@@ -247,20 +195,22 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
     else:
         save_model(model, final)
     tokenizer.save(final)
-    summary: dict = {"config": cfg.to_dict(), "stages": results, "params": model.num_parameters(),
-                     "unigram_loss": train_stream.unigram_entropy(val_stream, tokenizer.vocab_size),
-                     "peak_flops": peak, "flops_per_token": flops, "train_tokens": len(train_stream)}
+    summary: dict = {"config": cfg.to_dict(), "stages": job.results, "params": model.num_parameters(),
+                     "unigram_loss": unigram_loss(train_docs, val_docs, tokenizer.vocab_size),
+                     "peak_flops": peak, "flops_per_token": job.flops_per_token,
+                     "train_tokens": sum(map(len, train_docs)), "estimated_seconds": job.estimates}
     with torch.no_grad():
-        summary["final_code"] = code_eval(model)
+        summary["final_code"] = job.code_eval(model)
         summary["final_code_with_selection_bias"] = with_bias
-        nll = nll_by_position(model, val_docs[: 4 * cfg.nll_files], cfg.nll_len)
+        nll = nll_by_position(model, [d.tokens[:-1].tolist() for d in val_docs[: 4 * cfg.nll_files]], cfg.nll_len)
         summary["nll_by_position"] = nll.tolist()
         prompts = _code_prompts(val_texts, cfg.samples)
         summary["code_samples"] = _sample_code(model, tokenizer, prompts)
-        if need_images:
-            captions = generate_captions(model, heldout)
-            summary["captions"] = [{"caption": c, "truth": s.caption()} for c, s in zip(captions, heldout.scenes)]
-            summary["caption_accuracy"] = caption_accuracy(captions, heldout)
+        if job.trained_on_images:
+            captions = generate_captions(model, job.heldout, tokenizer)
+            scenes = job.heldout_scenes()
+            summary["captions"] = [{"caption": c, "truth": s.caption()} for c, s in zip(captions, scenes)]
+            summary["caption_accuracy"] = caption_accuracy(captions, scenes)
     lap("evaluation", t)
     summary["timings"] = timings
     summary["total_seconds"] = time.perf_counter() - t0
@@ -308,6 +258,8 @@ def _print_summary(summary: dict, report: Path) -> None:
         acc = summary["caption_accuracy"]
         print(f"held-out captions: {acc['shape_precision']:.0%} of named shapes are in the image "
               f"(chance {acc['shape_chance']:.0%}); {acc['exact']:.0%} exact")
+    for stage, estimate in summary.get("estimated_seconds", {}).items():
+        print(f"{stage}: {summary['timings'][stage]:.0f} s (estimated {estimate:.0f} s)")
     for s in summary["code_samples"][:1]:
         print("\n--- sample ---\n" + s["prompt"] + s["completion"] + "\n---")
     print(f"\nfinished in {summary['total_seconds'] / 60:.1f} min; report: {report}")

@@ -29,6 +29,35 @@ from tokenizers import Tokenizer as Backend
 
 from .special_tokens import OFFSETS, special_token_names
 
+# The chat format of herd.chat as a Jinja template, for `transformers`' apply_chat_template. It is
+# stored in tokenizer_config.json, so it lives here: herd.chat renders the same format in Python
+# (tests/test_chat.py checks both give the same ids) and imports it from here, never the reverse.
+CHAT_TEMPLATE = """{{- bos_token }}
+{%- for message in messages %}
+    {%- set role = 'ipython' if message['role'] == 'tool' else message['role'] %}
+    {{- '<|header_start|>' + role + '<|header_end|>\n\n' }}
+    {%- if message['content'] is string %}
+        {{- message['content'] }}
+    {%- elif message['content'] is not none %}
+        {%- for part in message['content'] %}
+            {%- if part['type'] == 'image' %}
+                {{- '<|image|>' }}
+            {%- else %}
+                {{- part['text'] }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+    {%- if message['tool_call'] is defined and message['tool_call'] is not none %}
+        {{- '<|python_start|>' + message['tool_call'] + '<|python_end|><|eom|>' }}
+    {%- else %}
+        {{- '<|eot|>' }}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|header_start|>assistant<|header_end|>\n\n' }}
+{%- endif %}
+"""
+
 # o200k-style pre-tokenizer: words with case classes and English contractions, numbers in runs of
 # 1-3 digits, punctuation runs (keeping trailing newlines and '/'), newline runs, other whitespace.
 # BPE merges never cross these pieces.
@@ -160,8 +189,6 @@ class Tokenizer:
 
     def save(self, directory: str | Path, *, model_max_length: int = 131072) -> Path:
         """Write `tokenizer.json` and a `tokenizer_config.json` carrying herd's chat template."""
-        from .chat import CHAT_TEMPLATE  # the renderer owns the template; imported here to avoid a cycle
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(directory / "tokenizer.json"))

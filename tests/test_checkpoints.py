@@ -18,7 +18,7 @@ LAYER0_Q = "language_model.model.layers.0.self_attn.q_proj.weight"
 @pytest.fixture
 def saved(tmp_path):
     model = Llama4(from_hf_dict(hf_config_dict(multimodal=True, moe_step=2)))
-    model.save_pretrained(tmp_path)
+    herd.save_pretrained(model, tmp_path)
     return model, tmp_path
 
 
@@ -38,7 +38,7 @@ def test_round_trip_is_exact_single_and_sharded(saved, tmp_path):
     model, path = saved
     for target, shard in ((path, None), (tmp_path / "sharded", 50_000)):
         if shard:
-            model.save_pretrained(target, max_shard_size=shard)
+            herd.save_pretrained(model, target, max_shard_size=shard)
             assert len(list(target.glob("model-*.safetensors"))) > 2
         loaded = herd.from_pretrained(target)
         for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
@@ -47,22 +47,22 @@ def test_round_trip_is_exact_single_and_sharded(saved, tmp_path):
 
 def test_resaving_with_fewer_shards_removes_stale_ones(saved):
     model, path = saved
-    model.save_pretrained(path, max_shard_size=50_000)
-    model.save_pretrained(path)
+    herd.save_pretrained(model, path, max_shard_size=50_000)
+    herd.save_pretrained(model, path)
     assert [p.name for p in path.glob("model*")] == ["model.safetensors"]
     herd.from_pretrained(path)
 
 
 def test_checkpoint_dtype_is_kept_unless_asked(saved):
     model, path = saved
-    model.to(torch.bfloat16).save_pretrained(path)
+    herd.save_pretrained(model.to(torch.bfloat16), path)
     assert herd.from_pretrained(path).dtype == torch.bfloat16
     assert herd.from_pretrained(path, dtype=torch.float32).dtype == torch.float32
 
 
 def test_text_only_checkpoint(tmp_path):
     model = Llama4(from_hf_dict(hf_config_dict(multimodal=False)))
-    model.save_pretrained(tmp_path)
+    herd.save_pretrained(model, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["Llama4ForCausalLM"]
     assert "lm_head.weight" in load_file(tmp_path / "model.safetensors")
@@ -91,7 +91,7 @@ def test_wrong_shape_is_named_with_both_shapes(saved):
 
 
 def test_text_weights_with_multimodal_config_fail_clearly(tmp_path):
-    Llama4(from_hf_dict(hf_config_dict(multimodal=False))).save_pretrained(tmp_path)
+    herd.save_pretrained(Llama4(from_hf_dict(hf_config_dict(multimodal=False))), tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(hf_config_dict(multimodal=True)))
     with pytest.raises(CheckpointError, match=r"unexpected tensor '(lm_head\.|model\.).*multimodal model without it"):
         herd.from_pretrained(tmp_path)
@@ -149,7 +149,7 @@ def test_failed_save_keeps_the_previous_checkpoint(saved, monkeypatch):
 
     monkeypatch.setattr("herd.hf.save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        model.save_pretrained(path)
+        herd.save_pretrained(model, path)
     assert not list(path.glob(".*.tmp"))  # no temporary left behind
     after = load_file(path / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -166,3 +166,39 @@ def test_loading_builds_on_meta_and_never_initialises(saved, monkeypatch):
 
     monkeypatch.setattr(torch.nn.init, "normal_", only_meta)
     herd.from_pretrained(path)
+
+
+def test_a_model_prepared_for_decoding_refuses_to_save(tmp_path):
+    from herd.inference import prepare_for_decoding
+
+    model = prepare_for_decoding(Llama4(from_hf_dict(hf_config_dict(multimodal=False))))
+    with pytest.raises(ValueError, match="prepared for decoding.*save the model before preparing"):
+        herd.save_pretrained(model, tmp_path)
+    assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_dependencies_point_down():
+    """herd/model imports only herd/model and herd/config; the tokenizer never imports the chat
+    renderer (chat -> tokenizer is the one direction)."""
+    import ast
+    from pathlib import Path
+
+    root = Path(herd.__file__).parent
+
+    def herd_imports(path: Path) -> set[str]:
+        package = ".".join(path.relative_to(root.parent).with_suffix("").parts[:-1])
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+                name = ".".join(p for p in (base, node.module or "") if p)
+                found |= {name} if node.module else {f"{name}.{a.name}" for a in node.names}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        return {n for n in found if n == "herd" or n.startswith("herd.")}
+
+    for file in (root / "model").glob("*.py"):
+        upward = {n for n in herd_imports(file) if not n.startswith(("herd.model", "herd.config"))}
+        assert not upward, f"{file.name} imports {upward}"
+    assert not {n for n in herd_imports(root / "tokenizer.py") if n.startswith("herd.chat")}
+    assert not hasattr(Llama4, "generate") and not hasattr(Llama4, "from_pretrained")

@@ -49,7 +49,7 @@ def test_text_logits_herd_to_hf(tmp_path, case):
     config = from_hf_dict(hf_config_dict(multimodal=False, **CASES[case]))
     ours = Llama4(config).eval()
     randomize_(ours, seed=1)
-    ours.save_pretrained(tmp_path)
+    herd.save_pretrained(ours, tmp_path)
     hf, info = transformers.Llama4ForCausalLM.from_pretrained(tmp_path, output_loading_info=True, attn_implementation="eager")
     assert not any(info.values()), info
     ids = text_ids()
@@ -74,7 +74,7 @@ def test_multimodal_logits_herd_to_hf(tmp_path):
     config = from_hf_dict(hf_config_dict(multimodal=True, moe_step=2, top_k=2))
     ours = Llama4(config).eval()
     randomize_(ours, seed=2)
-    ours.save_pretrained(tmp_path, max_shard_size=100_000)  # several shards and an index
+    herd.save_pretrained(ours, tmp_path, max_shard_size=100_000)  # several shards and an index
     assert (tmp_path / "model.safetensors.index.json").exists()
     hf, info = transformers.Llama4ForConditionalGeneration.from_pretrained(
         tmp_path, output_loading_info=True, attn_implementation="eager")
@@ -105,7 +105,7 @@ def test_left_padded_batch_matches_unpadded_rows(tmp_path):
 def test_config_round_trip_through_hf(tmp_path):
     """herd's config.json is read back by transformers with the same iRoPE/MoE layout."""
     config = from_hf_dict(hf_config_dict(multimodal=True, moe_step=2, nope_interval=4))
-    Llama4(config).save_pretrained(tmp_path)
+    herd.save_pretrained(Llama4(config), tmp_path)
     theirs = transformers.AutoConfig.from_pretrained(tmp_path)
     t = theirs.text_config
     assert t.moe_layers == [1, 3] and t.no_rope_layers == [1, 1, 1, 0]

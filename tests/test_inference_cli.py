@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import herd
 from herd.cli import main
 from herd.config import ModelConfig, TextConfig, VisionConfig
 from herd.data.corpora import stdlib_texts
@@ -29,7 +30,7 @@ def checkpoint(tmp_path_factory):
                          boi_token_index=tok.image_start_id, eoi_token_index=tok.image_end_id)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt")
-    Llama4(config).save_pretrained(path)
+    herd.save_pretrained(Llama4(config), path)
     tok.save(path)
     image = path / "cat.png"
     Image.new("RGB", (40, 24), (200, 120, 30)).save(image)

@@ -10,7 +10,7 @@ from herd.chat import render_chat
 from herd.data.corpora import stdlib_texts
 from herd.data.documents import Document, chat_document, image_text_document, text_document
 from herd.data.images import ImageProcessor
-from herd.data.packing import IGNORE_INDEX, PackedLoader, pack_rows
+from herd.data.packing import IGNORE, Batch, Mixture, PackedLoader, pack_rows
 from herd.data.synthetic import synthetic_scenes
 from herd.tokenizer import train_tokenizer
 
@@ -57,16 +57,16 @@ def test_targets_positions_and_document_ids():
     loader = PackedLoader(docs, seq_len=16, batch_size=4, pad_id=PAD, seed=0)
     for b in _epoch(loader):
         for r in range(4):
-            ids, tgt = b.input_ids[r].tolist(), b.targets[r].tolist()
+            ids, tgt = b.input_ids[r].tolist(), b.labels[r].tolist()
             pos, doc = b.position_ids[r].tolist(), b.document_ids[r].tolist()
             for i, t in enumerate(ids):
                 if t == PAD:
-                    assert tgt[i] == IGNORE_INDEX and doc[i] == -1
+                    assert tgt[i] == IGNORE and doc[i] == -1
                     continue
                 d, j = divmod(t, 1000)
                 last = j == LENGTHS[d] - 1
                 # The next id of the same document, even when it starts the next row.
-                assert tgt[i] == (IGNORE_INDEX if last else t + 1)
+                assert tgt[i] == (IGNORE if last else t + 1)
                 first_of_piece = i == 0 or doc[i - 1] != doc[i]
                 assert pos[i] == (0 if first_of_piece else pos[i - 1] + 1)
                 if not first_of_piece:
@@ -108,7 +108,49 @@ def test_resume_gives_the_same_next_batches(stop_after):
     resumed.load_state_dict(state)
     again = list(islice(iter(resumed), 3))
     for x, y in zip(reference[stop_after:], again):
-        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.targets, y.targets)
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_the_global_batch_is_the_same_for_any_number_of_ranks(world_size):
+    """N ranks of B rows see together exactly the rows one process of N * B rows sees, batch by
+    batch, and batch k is a pure function of (epoch, k): what resuming and data parallelism need."""
+    docs = _numbered_docs(LENGTHS)
+    one = PackedLoader(docs, seq_len=16, batch_size=2 * world_size, pad_id=PAD, seed=4)
+    ranks = [PackedLoader(docs, seq_len=16, batch_size=2, pad_id=PAD, seed=4, rank=r, world_size=world_size)
+             for r in range(world_size)]
+    for k, whole in enumerate(_epoch(one)):
+        parts = Batch.stack([next(r) for r in ranks])
+        for name in ("input_ids", "labels", "position_ids", "document_ids"):
+            assert torch.equal(getattr(whole, name), getattr(parts, name)), (k, name)
+        assert torch.equal(one.batch_at(0, k).input_ids, whole.input_ids)
+
+
+def test_whole_documents_are_not_split_unless_longer_than_a_row():
+    docs = _numbered_docs([5, 7, 4, 9, 20, 3])
+    for row in pack_rows(docs, range(len(docs)), 10, whole_documents=True):
+        for piece in row:
+            n = len(docs[piece.doc])
+            assert (piece.start, piece.end) == (0, n) or n > 10
+    split = pack_rows(docs, range(len(docs)), 10)
+    assert any(p.end - p.start < len(docs[p.doc]) <= 10 for row in split for p in row)  # the default splits
+
+
+def test_a_mixture_stacks_its_loaders_rows_and_resumes():
+    code = _numbered_docs([30, 20, 25])
+    other = [Document(np.arange(6) + 50_000 + 1000 * d, np.ones(6, dtype=bool)) for d in range(3)]
+    make = lambda: Mixture(PackedLoader(code, seq_len=16, batch_size=3, pad_id=PAD, seed=0),  # noqa: E731
+                           PackedLoader(other, seq_len=16, batch_size=1, pad_id=PAD, seed=0, whole_documents=True))
+    reference = list(islice(make(), 6))
+    assert reference[0].input_ids.shape == (4, 16)
+    code_rows, other_row = reference[0].input_ids[:3], reference[0].input_ids[3]
+    assert ((code_rows < 50_000) | (code_rows == PAD)).all() and (other_row >= 50_000).all()
+    first = make()
+    list(islice(first, 4))
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    for x, y in zip(reference[4:], islice(resumed, 2)):
+        assert torch.equal(x.input_ids, y.input_ids) and torch.equal(x.labels, y.labels)
 
 
 def test_state_from_another_layout_is_refused():
@@ -150,7 +192,7 @@ def test_images_are_never_split_and_tiles_follow_patch_order(tok):
             assert len(starts) == len(ends) and all(s < e for s, e in zip(starts, ends))
         # Layout ids are never targets.
         layout = torch.tensor(sorted(tok.image_layout_ids))
-        assert not torch.isin(b.targets, layout).any()
+        assert not torch.isin(b.labels, layout).any()
     assert total_tiles == 6 + 3
     with pytest.raises(ValueError, match="does not fit in seq_len=32"):
         PackedLoader(docs, seq_len=32, batch_size=2, pad_id=tok.pad_id).batches_per_epoch()
@@ -173,7 +215,7 @@ def test_chat_documents_train_only_on_the_assistant(tok):
     doc = chat_document(rendered, tok)
     loader = PackedLoader([doc], seq_len=len(doc), batch_size=1, pad_id=tok.pad_id, shuffle=False)
     batch = next(iter(loader))
-    trained = [t for t in batch.targets[0].tolist() if t != IGNORE_INDEX]
+    trained = [t for t in batch.labels[0].tolist() if t != IGNORE]
     assert tok.decode(trained) == "hi<|eot|>"
 
 
@@ -264,6 +306,6 @@ def test_batches_run_through_the_tiny_model(tok):
     model = model_module.Llama4(cfg)
     out = model(batch.input_ids, pixel_values=batch.pixel_values, document_ids=batch.document_ids,
                 position_ids=batch.position_ids)
-    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch.targets.flatten(),
-                                             ignore_index=IGNORE_INDEX)
+    loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten(),
+                                             ignore_index=IGNORE)
     assert out.logits.shape == (2, 128, tok.vocab_size) and torch.isfinite(loss)

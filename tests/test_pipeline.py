@@ -69,3 +69,49 @@ def test_default_run_learns_code_and_captions(tmp_path):
     summary = _check_learned(tmp_path)
     accuracy = summary["caption_accuracy"]
     assert accuracy["shape_precision"] > accuracy["shape_chance"]
+
+
+def test_a_stage_written_outside_herd_runs_through_herd_train(tmp_path, capsys):
+    """A recipe defined here (supervised fine-tuning of the head on conversations) goes through
+    `herd train`'s machinery: its data is packed, only the renderer's loss mask is trained, only the
+    weights it names learn, it is evaluated, logged, checkpointed, reported and resumed."""
+    import dataclasses
+
+    from herd.chat import render_chat
+    from herd.data.documents import chat_document
+    from herd.pipeline import run
+    from herd.tokenizer import Tokenizer
+    from herd.train.config import smoke
+    from herd.train.losses import causal_lm_loss
+    from herd.train.recipes import Stage
+
+    seen = {}
+
+    def sft(job):
+        chats = [[{"role": "user", "content": f"What is {i} + {i}?"},
+                  {"role": "assistant", "content": f"{2 * i}"}] for i in range(40)]
+        docs = [chat_document(render_chat(c, job.tokenizer), job.tokenizer) for c in chats]
+        data = job.loader(docs, batch_size=4, seed=0, whole_documents=True)
+        seen["batch"] = data.batch_at(0, 0)
+        seen["before"] = {n: p.detach().clone() for n, p in job.model.named_parameters()}
+        return Stage("sft", job.stage_config(4, 1e-3, balance="none"), data, causal_lm_loss, ("lm_head.",),
+                     evaluate=lambda m: {"answer_loss": causal_lm_loss(m, seen["batch"]).loss_sum.item()})
+
+    cfg = smoke()
+    cfg = dataclasses.replace(cfg, out=str(tmp_path), train=dataclasses.replace(cfg.train, steps=2))
+    summary = run(cfg, stages=("text", sft))
+    assert set(summary["stages"]) == {"text", "sft"} and "answer_loss" in summary["stages"]["sft"]
+    tok = Tokenizer.from_dir(tmp_path / "model")
+    labels = seen["batch"].labels
+    trained = tok.decode(labels[labels != -100].tolist())
+    assert "<|eot|>" in trained and set(trained.replace("<|eot|>", "")) <= set("0123456789")  # answers only
+    model = herd.from_pretrained(tmp_path / "model")
+    after = dict(model.named_parameters())
+    for name, before in seen["before"].items():
+        changed = not torch.equal(before, after[name])
+        assert changed == name.startswith("lm_head."), name
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["stage"] == "sft" and r["kind"] == "eval" for r in records)
+    capsys.readouterr()
+    run(cfg, stages=("text", sft))
+    assert "[sft] resumed from" in capsys.readouterr().out

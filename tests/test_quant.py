@@ -216,13 +216,13 @@ def test_quantized_model_is_close_and_decodes_consistently(method):
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_checkpoint_round_trip(tmp_path, method):
     model, ids = model_and_ids(seed=3)
-    model.save_pretrained(tmp_path / "full")
+    herd.save_pretrained(model, tmp_path / "full")
     loaded = herd.from_pretrained(tmp_path / "full", quantize=method)  # quantize at load time
     quantize_(model, method)
     with torch.no_grad():
         expected = model(ids).logits
         torch.testing.assert_close(loaded(ids).logits, expected)
-    loaded.save_pretrained(tmp_path / "q")  # saved quantized: smaller, and loads back exactly
+    herd.save_pretrained(loaded, tmp_path / "q")  # saved quantized: smaller, and loads back exactly
     full_bytes = (tmp_path / "full" / "model.safetensors").stat().st_size
     assert (tmp_path / "q" / "model.safetensors").stat().st_size < 0.6 * full_bytes
     again = herd.from_pretrained(tmp_path / "q")

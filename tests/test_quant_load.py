@@ -43,7 +43,7 @@ def sharded_tiny(tmp_path_factory):
     """The tiny preset (vision, dense and MoE layers) in fp32, saved in shards of at most 1 MiB."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny")
-    Llama4(get_preset("tiny")).save_pretrained(path, max_shard_size=MiB)
+    herd.save_pretrained(Llama4(get_preset("tiny")), path, max_shard_size=MiB)
     assert len(list(path.glob("model-*.safetensors"))) > 3
     return path
 
@@ -67,7 +67,7 @@ def test_streaming_load_casts_before_quantizing(sharded_tiny, tmp_path):
     assert_same_state(streamed, after)
     assert streamed.embed_tokens.weight.dtype == torch.bfloat16
     # a saved quantized checkpoint keeps its layers' dtypes (fp32 scales) whatever `dtype` says
-    streamed.save_pretrained(tmp_path)
+    herd.save_pretrained(streamed, tmp_path)
     again = from_pretrained(tmp_path, dtype=torch.bfloat16)
     assert again.lm_head.scale.dtype == torch.float32
     assert_same_state(again, streamed)

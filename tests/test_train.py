@@ -7,10 +7,13 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from herd.config import ModelConfig, TextConfig
+from herd.data.documents import Document
+from herd.data.packing import PackedLoader
 from herd.model import Llama4
 from herd.train import checkpoint as ckpt_module
 from herd.train.checkpoint import CheckpointWriteError, step_dirs
@@ -18,7 +21,6 @@ from herd.train.config import TrainConfig, apply_overrides, default, parse_overr
 from herd.train.loop import TrainingDiverged, train
 from herd.train.losses import causal_lm_loss
 from herd.train.optim import lr_factor
-from herd.train.sources import TextWindows, TokenStream
 
 
 def small_model(seed=0, **text) -> Llama4:
@@ -30,12 +32,13 @@ def small_model(seed=0, **text) -> Llama4:
     return Llama4(ModelConfig(text=TextConfig(**(cfg | text)), vision=None))
 
 
-def token_data(seed=0, batch=4, seq=16) -> TextWindows:
+def token_data(seed=0, batch=4, seq=16) -> PackedLoader:
     g = torch.Generator().manual_seed(123)
-    # a learnable stream: a repeated pattern with noise, split into documents
-    docs = [((torch.arange(40) * 7 + i) % 50 + 3 + (torch.rand(40, generator=g) < 0.1) * 5).tolist()
+    # learnable documents: a repeated pattern with noise, each closed by the end-of-text id 1
+    docs = [((torch.arange(40) * 7 + i) % 50 + 3 + (torch.rand(40, generator=g) < 0.1) * 5).tolist() + [1]
             for i in range(30)]
-    return TextWindows(TokenStream(docs, eos_id=1), batch, seq, seed=seed)
+    docs = [Document(np.array(d), np.ones(len(d), dtype=bool)) for d in docs]
+    return PackedLoader(docs, seq_len=seq, batch_size=batch, pad_id=2, seed=seed)
 
 
 def cfg(**kw) -> TrainConfig:
@@ -104,11 +107,12 @@ class KillAt:
     """Wraps a data source and 'kills the process' when batch number `at` is requested."""
 
     def __init__(self, data, at):
-        self.data, self.at = data, at
+        self.data, self.at, self.served = data, at, 0
 
     def __next__(self):
-        if self.data.step == self.at:
+        if self.served == self.at:
             raise Killed
+        self.served += 1
         return next(self.data)
 
     def state_dict(self):

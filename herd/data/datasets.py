@@ -1,6 +1,6 @@
 """Whole corpora as lists of `Document`s, ready for `PackedLoader`: what a training recipe calls.
 
-- `stdlib_documents`: the embedded code corpus (pretraining text);
+- `stdlib_documents`, `text_documents`: the embedded code corpus, or any texts (pretraining text);
 - `scene_documents`: the embedded image-text corpus, as captions (pretraining) or Q&A chats (SFT);
 - `user_documents`: a user's folder or JSONL, every record kind, with the skip/stop error policy.
 
@@ -54,6 +54,11 @@ def stdlib_documents(tokenizer: "Tokenizer", split: Literal["train", "validation
     """Each distinct stdlib source file as <|begin_of_text|> code <|end_of_text|> (the stdlib holds
     a few exact copies, e.g. identical test helpers; they are kept once)."""
     texts, _ = exact_dedup([doc.text for doc in stdlib_texts(split, max_files=max_files, max_bytes=max_bytes)])
+    return text_documents(texts, tokenizer)
+
+
+def text_documents(texts: list[str], tokenizer: "Tokenizer") -> list[Document]:
+    """Each text as <|begin_of_text|> text <|end_of_text|> (`text_document`, tokenized in one batch)."""
     return [Document.from_ids([tokenizer.bos_id] + ids + [tokenizer.end_of_text_id], tokenizer)
             for ids in tokenizer.encode_batch(texts)]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -158,32 +157,6 @@ class Llama4(nn.Module):
         if logits_to_keep is not None:
             h = h[:, -logits_to_keep:]
         return Llama4Output(logits=self.lm_head(self.norm(h)), router=router)
-
-    # ---------------------------------------------------------------- generation
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
-        """Prompt plus new tokens [B, T + new]; see `herd.inference.generate` for the options."""
-        from ..inference import generate
-
-        return generate(self, input_ids, max_new_tokens, **kwargs)
-
-    def generate_stream(self, input_ids: torch.Tensor, max_new_tokens: int, **kwargs):
-        """Yields new tokens [B] as they come; see `herd.inference.generate_stream`."""
-        from ..inference import generate_stream
-
-        return generate_stream(self, input_ids, max_new_tokens, **kwargs)
-
-    # ---------------------------------------------------------------- checkpoints
-    def save_pretrained(self, path: str | Path, max_shard_size: int = 5 * 2**30):
-        """Writes a Hugging Face checkpoint directory that `transformers` and `herd` both load."""
-        from ..hf import save_pretrained
-
-        save_pretrained(self, path, max_shard_size=max_shard_size)
-
-    @classmethod
-    def from_pretrained(cls, path: str | Path, **kwargs) -> "Llama4":
-        from ..hf import from_pretrained
-
-        return from_pretrained(path, **kwargs)
 
     @property
     def dtype(self) -> torch.dtype:

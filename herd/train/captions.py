@@ -1,120 +1,70 @@
-"""Image-caption data for the vision stages (SPEC 6), from herd's synthetic scenes.
+"""Captioned images for the vision stages (SPEC 6), read from image-caption `Document`s.
 
-`SceneSet` draws a range of scenes once and keeps, per scene, its tiles, its image token layout
-and its caption ids. Two batch sources read it:
+The row-shaped stages (alignment, joint) pack these documents with `herd.data.packing.PackedLoader`
+like any other data. Two things here are not rows:
 - `ContrastivePairs`: N tiles with their captions (padded), for CLIP-style vision pretraining;
-- `CaptionRows`: early-fusion rows `<|begin_of_text|> image caption <|end_of_text|>`, several per
-  row as packed documents; only caption tokens (and the end of text) are targets.
-Like `TextWindows`, batch k is a pure function of (seed, k), so resuming needs only the step.
-`caption_accuracy` captions held-out scenes greedily and checks the shapes named.
+  batch k is a pure function of (seed, k), so its position in a checkpoint is the step alone;
+- `generate_captions` / `caption_accuracy`: caption held-out images greedily and check the shapes
+  they name against the scene.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from ..data.images import ImageProcessor
-from ..data.synthetic import SHAPES, synthetic_scenes
+from ..data.documents import Document
+from ..data.packing import Batch
+from ..data.synthetic import SHAPES, Scene
 from ..model import Llama4
 from ..tokenizer import Tokenizer
-from .losses import IGNORE, Batch
-from .sources import StepSource
 
 
-class SceneSet:
-    def __init__(self, tokenizer: Tokenizer, image_size: int, patch_size: int, count: int, start: int = 0,
-                 seed: int = 0):
-        processor = ImageProcessor(tile_size=image_size, patch_size=patch_size, max_tiles=1)
-        self.tokenizer = tokenizer
-        self.pixels, self.image_ids, self.caption_ids, self.scenes = [], [], [], []
-        for sample in synthetic_scenes(count, seed=seed, start=start, image_size=image_size):
-            ids, pixels = processor.encode(sample.image, tokenizer)
-            self.image_ids.append(ids)
-            self.pixels.append(pixels)  # [1, 3, S, S]: one tile
-            self.caption_ids.append(tokenizer.encode(sample.caption))
-            self.scenes.append(sample.scene)
-        self.image_prompt = [tokenizer.bos_id] + self.image_ids[0]  # the same for every 1-tile image
-
-    def __len__(self) -> int:
-        return len(self.scenes)
-
-    def row_doc(self, i: int) -> tuple[list[int], list[bool]]:
-        """Ids and target mask of one scene as a document: bos, image, caption, eos."""
-        caption = self.caption_ids[i] + [self.tokenizer.end_of_text_id]
-        ids = self.image_prompt + caption
-        return ids, [False] * len(self.image_prompt) + [True] * len(caption)
+def caption_ids(doc: Document) -> np.ndarray:
+    """The caption of a `<|begin_of_text|> image caption <|end_of_text|>` document."""
+    return doc.tokens[doc.image_spans[-1].end:-1]
 
 
-class ContrastivePairs(StepSource):
-    def __init__(self, scenes: SceneSet, batch_size: int, seed: int = 0):
-        self.scenes, self.batch_size, self.seed = scenes, batch_size, seed
+def image_prompt(doc: Document) -> np.ndarray:
+    """The ids up to and including the image: what a model captions from."""
+    return doc.tokens[:doc.image_spans[-1].end]
 
-    def batch(self, step: int) -> Batch:
+
+class ContrastivePairs:
+    """Iterator of `Batch`es of `batch_size` distinct (tile, caption) pairs, captions right-padded."""
+
+    def __init__(self, documents: Sequence[Document], batch_size: int, seed: int = 0):
+        if any(len(d.image_spans) != 1 for d in documents):
+            raise ValueError("contrastive pairs need documents of one image and its caption")
+        self.documents, self.batch_size, self.seed, self.step = documents, batch_size, seed, 0
+
+    def batch_at(self, step: int) -> Batch:
         rng = np.random.default_rng([self.seed, step])
-        pick = rng.choice(len(self.scenes), size=min(self.batch_size, len(self.scenes)), replace=False)
-        caps = [self.scenes.caption_ids[i] for i in pick]
-        L = max(map(len, caps))
-        ids = torch.zeros(len(caps), L, dtype=torch.long)
-        mask = torch.zeros(len(caps), L, dtype=torch.long)
+        pick = rng.choice(len(self.documents), size=min(self.batch_size, len(self.documents)), replace=False)
+        caps = [caption_ids(self.documents[i]) for i in pick]
+        ids = torch.zeros(len(caps), max(map(len, caps)), dtype=torch.long)
+        mask = torch.zeros_like(ids)
         for r, c in enumerate(caps):
-            ids[r, :len(c)] = torch.tensor(c)
+            ids[r, :len(c)] = torch.from_numpy(c)
             mask[r, :len(c)] = 1
-        pixels = torch.cat([self.scenes.pixels[i] for i in pick])
+        pixels = torch.cat([self.documents[i].pixels() for i in pick])
         return Batch(input_ids=ids, attention_mask=mask, pixel_values=pixels)
 
+    def __iter__(self):
+        return self
 
-class CaptionRows(StepSource):
-    """Rows of `seq_len` holding as many captioned images as fit, each its own document."""
+    def __next__(self) -> Batch:
+        self.step += 1
+        return self.batch_at(self.step - 1)
 
-    def __init__(self, scenes: SceneSet, batch_size: int, seq_len: int, pad_id: int, seed: int = 0):
-        self.scenes, self.batch_size, self.seq_len, self.pad_id, self.seed = scenes, batch_size, seq_len, pad_id, seed
+    def state_dict(self) -> dict:
+        return {"step": self.step}
 
-    def rows(self, step: int, n: int) -> Batch:
-        ids = np.full((n, self.seq_len + 1), self.pad_id, dtype=np.int64)
-        target = np.zeros((n, self.seq_len + 1), dtype=bool)
-        docs = np.zeros((n, self.seq_len + 1), dtype=np.int64)
-        pixels = []
-        for r in range(n):
-            rng = np.random.default_rng([self.seed, step, r])
-            pos, doc = 0, 0
-            while True:
-                i = int(rng.integers(len(self.scenes)))
-                doc_ids, doc_mask = self.scenes.row_doc(i)
-                if pos + len(doc_ids) > self.seq_len + 1:
-                    if pos == 0:
-                        raise ValueError(f"seq_len {self.seq_len} is too short for one captioned image "
-                                         f"({len(doc_ids)} tokens); raise --seq_len")
-                    break
-                ids[r, pos:pos + len(doc_ids)] = doc_ids
-                target[r, pos:pos + len(doc_ids)] = doc_mask
-                docs[r, pos:pos + len(doc_ids)] = doc
-                pixels.append(self.scenes.pixels[i])
-                pos, doc = pos + len(doc_ids), doc + 1
-            docs[r, pos:] = doc  # the padding tail is a document of its own, never a target
-        labels = np.where(target[:, 1:] & (docs[:, 1:] == docs[:, :-1]), ids[:, 1:], IGNORE)
-        return Batch(input_ids=torch.from_numpy(ids[:, :-1]), labels=torch.from_numpy(labels),
-                     document_ids=torch.from_numpy(docs[:, :-1]), pixel_values=torch.cat(pixels))
-
-    def batch(self, step: int) -> Batch:
-        return self.rows(step, self.batch_size)
-
-
-class Mixture(StepSource):
-    """Joint early-fusion batches: `caption_rows` rows of captions on top of code windows."""
-
-    def __init__(self, text, captions: CaptionRows, caption_rows: int):
-        self.text, self.captions, self.caption_rows = text, captions, caption_rows
-
-    def batch(self, step: int) -> Batch:
-        t = self.text.batch(step)
-        c = self.captions.rows(step, self.caption_rows)
-        n_text = t.input_ids.shape[0] - self.caption_rows
-        cat = lambda a, b: torch.cat([a[:n_text], b])  # noqa: E731
-        return Batch(input_ids=cat(t.input_ids, c.input_ids), labels=cat(t.labels, c.labels),
-                     document_ids=cat(t.document_ids, c.document_ids), pixel_values=c.pixel_values)
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,22 +74,27 @@ class Mixture(StepSource):
 _SHAPE_WORD = re.compile(r"\b(" + "|".join(SHAPES) + r")s?\b")
 
 
-def generate_captions(model: Llama4, scenes: SceneSet, max_new_tokens: int = 48, batch: int = 16) -> list[str]:
+def generate_captions(model: Llama4, documents: Sequence[Document], tokenizer: Tokenizer, max_new_tokens: int = 48,
+                      batch: int = 16) -> list[str]:
+    """Greedy captions of the images of captioned-image documents (their captions unseen)."""
     from ..inference import generate
 
     out = []
-    for s in range(0, len(scenes), batch):
-        idx = range(s, min(s + batch, len(scenes)))
-        prompt = torch.tensor([scenes.image_prompt] * len(idx))
-        pixels = torch.cat([scenes.pixels[i] for i in idx]).to(model.device)
+    for s in range(0, len(documents), batch):
+        docs = documents[s:s + batch]
+        prompts = [image_prompt(d) for d in docs]
+        if len({len(p) for p in prompts}) != 1:
+            raise ValueError("generate_captions batches images of one tile layout; give same-size images")
+        prompt = torch.from_numpy(np.stack(prompts))
+        pixels = torch.cat([d.pixels() for d in docs]).to(model.device)
         ids = generate(model, prompt, max_new_tokens, temperature=0.0, pixel_values=pixels,
-                       stop_token_ids=[scenes.tokenizer.end_of_text_id])
+                       stop_token_ids=[tokenizer.end_of_text_id])
         for row in ids[:, prompt.shape[1]:].tolist():
-            out.append(scenes.tokenizer.decode(row, skip_special=True).strip())
+            out.append(tokenizer.decode(row, skip_special=True).strip())
     return out
 
 
-def caption_accuracy(captions: list[str], scenes: SceneSet) -> dict:
+def caption_accuracy(captions: list[str], scenes: Sequence[Scene]) -> dict:
     """How often the shapes a caption names are in the image, against guessing.
 
     `shape_precision`: fraction of named shapes present in the scene; chance is what naming a
@@ -147,7 +102,7 @@ def caption_accuracy(captions: list[str], scenes: SceneSet) -> dict:
     `exact`: captions equal to the scene's own."""
     hits = named = exact = 0
     chance = 0.0
-    for text, scene in zip(captions, scenes.scenes):
+    for text, scene in zip(captions, scenes):
         present = {o.shape for o in scene.objects}
         words = _SHAPE_WORD.findall(text.lower())
         hits += sum(w in present for w in words)

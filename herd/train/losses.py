@@ -14,22 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.head_loss import IGNORE  # label of a position that is not a target
+from ..data.packing import IGNORE, Batch  # noqa: F401  (the one batch type and ignore label)
 from ..model.moe import RouterStats
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, T]
-    labels: torch.Tensor | None = None  # [B, T], IGNORE where no target
-    document_ids: torch.Tensor | None = None  # [B, T] for packed rows
-    pixel_values: torch.Tensor | None = None  # [N_tiles, 3, S, S] for the <|patch|> tokens, in order
-    attention_mask: torch.Tensor | None = None  # [B, T] 1 = real token (padded caption batches)
-
-    def to(self, device) -> "Batch":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.document_ids),
-                     move(self.pixel_values), move(self.attention_mask))
 
 
 @dataclass

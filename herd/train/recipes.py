@@ -1,0 +1,240 @@
+"""Training stages as recipes: each names its data, its loss, the weights that learn and how it is judged.
+
+A recipe is a function `(Run) -> Stage | None` (None: nothing to do, e.g. no vision tower or zero
+steps). `Run` holds what stages share: the config, tokenizer, model, documents, and evaluators and
+images built the first time a stage asks for them. `run_stage` sends a `Stage` through the one
+training loop (herd.train.loop), which knows nothing of stages. `herd train` runs a list of them:
+
+    contrastive  CLIP-style pretraining of the vision encoder on image-caption pairs
+    text         language-model pretraining on code (the bulk of the compute)
+    align        adapter alignment: vision tower + projector learn, the language model is frozen
+    joint        early fusion on a mixture of code rows and captioned-image rows, all weights learn
+
+Every row-shaped stage reads `PackedLoader` (herd.data.packing): documents packed into rows, each
+label the next token of the same document where the document's target mask allows it (image
+layout ids never; in a conversation, only what the assistant wrote). A new stage (SFT on
+conversations, say) is one more function here or in your own code, passed to
+`herd.pipeline.run(cfg, stages=[..., my_recipe])`; tests/test_pipeline.py runs one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.datasets import scene_documents
+from ..data.documents import Document
+from ..data.images import ImageProcessor
+from ..data.packing import Batch, Mixture, PackedLoader
+from ..data.synthetic import make_scene
+from ..model import Llama4
+from ..tokenizer import Tokenizer
+from .captions import ContrastivePairs
+from .config import RunConfig, TrainConfig
+from .evaluate import LMEvaluator, token_byte_lengths
+from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
+from .metrics import training_flops_per_token
+
+TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
+# The MFU herd's text stage reaches on 2-core CPUs (33-41% measured on AVX2 and AVX-512 machines,
+# docs/training.md): what the duration estimate assumes before a stage has run a step.
+TYPICAL_MFU = 0.35
+
+
+@dataclass
+class Stage:
+    name: str
+    config: TrainConfig
+    data: object  # an iterator of Batches with state_dict()/load_state_dict() (herd.train.loop.DataSource)
+    loss: Callable[[nn.Module, Batch], LossOutput]
+    trainable: tuple[str, ...]  # parameter-name prefixes that learn; ("",) = all
+    evaluate: Callable[[nn.Module], dict] | None = None
+    decoder_rows: bool = False  # the decoder runs on full rows: log MFU, estimate the duration first
+    images: bool = False  # the stage trains on images (the run then captions held-out ones)
+
+
+@dataclass
+class Run:
+    """What the stages of one run share. Data for images is made the first time a stage needs it."""
+
+    cfg: RunConfig
+    out: Path
+    tokenizer: Tokenizer
+    model: Llama4
+    train_docs: list[Document]
+    val_docs: list[Document]
+    peak_flops: float  # measured matmul FLOP/s of this machine
+    rank: int = 0
+    world_size: int = 1
+    checkpointer: object = None  # None: the loop's local Hugging Face-layout checkpoints
+    results: dict[str, dict] = field(default_factory=dict)  # stage -> final loss and evaluation
+    timings: dict[str, float] = field(default_factory=dict)
+    estimates: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
+    trained_on_images: bool = False
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return self.cfg.train
+
+    def stage_config(self, steps: int, lr: float, **changes) -> TrainConfig:
+        """The shared TrainConfig for a shorter stage: warmup, evaluation and checkpoints scaled to fit."""
+        tc = self.cfg.train
+        return dataclasses.replace(tc, steps=steps, lr=lr, warmup_steps=min(tc.warmup_steps, max(1, steps // 5)),
+                                   eval_every=min(tc.eval_every, steps), ckpt_every=min(tc.ckpt_every, steps),
+                                   **changes)
+
+    def loader(self, docs: list[Document], batch_size: int, seed: int, **kw) -> PackedLoader:
+        """This rank's loader over `docs` at the run's sequence length."""
+        return PackedLoader(docs, seq_len=self.cfg.train.seq_len, batch_size=batch_size, pad_id=self.tokenizer.pad_id,
+                            seed=seed, rank=self.rank, world_size=self.world_size, **kw)
+
+    @cached_property
+    def flops_per_token(self) -> float:
+        return training_flops_per_token(self.model, self.cfg.train.seq_len)
+
+    # ---------------------------------------------------------------- evaluation data
+    @cached_property
+    def code_eval(self) -> LMEvaluator:
+        """Loss and bits per byte on the first batches of the packed held-out code (the same on every rank)."""
+        tc = self.cfg.train
+        held = PackedLoader(self.val_docs, seq_len=tc.seq_len, batch_size=tc.batch_size,
+                            pad_id=self.tokenizer.pad_id, seed=tc.seed + 1)
+        n = min(tc.eval_batches, held.batches_per_epoch())
+        return LMEvaluator([held.batch_at(0, i) for i in range(n)], token_byte_lengths(self.tokenizer))
+
+    # ---------------------------------------------------------------- images
+    @property
+    def vision(self):
+        return self.model.config.vision
+
+    @cached_property
+    def image_processor(self) -> ImageProcessor:
+        return ImageProcessor(tile_size=self.vision.image_size, patch_size=self.vision.patch_size, max_tiles=1)
+
+    @cached_property
+    def scenes(self) -> list[Document]:
+        """Captioned synthetic scenes for training: <|begin_of_text|> image caption <|end_of_text|>."""
+        return scene_documents(self.tokenizer, self.image_processor, self.cfg.images, seed=self.cfg.train.seed)
+
+    @cached_property
+    def heldout(self) -> list[Document]:
+        """Scenes far from the training range, never trained on."""
+        return scene_documents(self.tokenizer, self.image_processor, self.cfg.heldout_images,
+                               start=HELDOUT_START, seed=self.cfg.train.seed)
+
+    def heldout_scenes(self):
+        return [make_scene(HELDOUT_START + i, self.cfg.train.seed) for i in range(len(self.heldout))]
+
+    @cached_property
+    def caption_eval(self) -> LMEvaluator:
+        tc = self.cfg.train
+        held = PackedLoader(self.heldout, seq_len=tc.seq_len, batch_size=tc.batch_size, pad_id=self.tokenizer.pad_id,
+                            seed=tc.seed + 1, whole_documents=True)
+        return LMEvaluator([held.batch_at(0, i) for i in range(min(2, held.batches_per_epoch()))])
+
+
+HELDOUT_START = 10_000_000  # index of the first held-out scene
+
+
+# ------------------------------------------------------------------------------------------------
+# The stages of `herd train`
+# ------------------------------------------------------------------------------------------------
+
+def contrastive(run: Run) -> Stage | None:
+    cfg = run.cfg
+    if run.vision is None or not cfg.contrastive_steps:
+        return None
+    clip = ContrastiveLoss(run.vision.projector_output_dim, run.model.config.text.hidden_size)
+    held = ContrastivePairs(run.heldout, len(run.heldout), seed=cfg.train.seed + 1).batch_at(0)
+
+    def retrieval(model):
+        img = clip.embed_images(model, held.pixel_values)
+        txt = clip.embed_texts(model, held.input_ids, held.attention_mask)
+        top1 = (img @ txt.T).argmax(1) == torch.arange(len(img))
+        return {"loss": clip(model, held).loss_sum.item() / len(img), "image_to_text_top1": top1.float().mean().item(),
+                "chance": 1 / len(img)}
+
+    return Stage("contrastive", run.stage_config(cfg.contrastive_steps, cfg.contrastive_lr, balance="none"),
+                 ContrastivePairs(run.scenes, cfg.image_batch, seed=cfg.train.seed), clip, ("vision.",), retrieval,
+                 images=True)
+
+
+def text(run: Run) -> Stage | None:
+    tc = run.cfg.train
+    if not tc.steps:
+        return None
+    return Stage("text", tc, run.loader(run.train_docs, tc.batch_size, tc.seed), causal_lm_loss, TEXT_TOWER,
+                 run.code_eval, decoder_rows=True)
+
+
+def align(run: Run) -> Stage | None:
+    cfg = run.cfg
+    if run.vision is None or not cfg.align_steps:
+        return None
+    return Stage("align", run.stage_config(cfg.align_steps, cfg.align_lr, balance="none"),
+                 run.loader(run.scenes, cfg.train.batch_size, cfg.train.seed, whole_documents=True),
+                 causal_lm_loss, ("vision.", "projector."), run.caption_eval, images=True)
+
+
+def joint(run: Run) -> Stage | None:
+    cfg, tc = run.cfg, run.cfg.train
+    if run.vision is None or not cfg.joint_steps:
+        return None
+    caption_rows = max(1, round(tc.batch_size * cfg.caption_fraction))
+    code = run.loader(run.train_docs, tc.batch_size - caption_rows, tc.seed)
+    # The code rows carry on where the text stage stopped (the same row order, one epoch), so joint
+    # training reads code it has not seen yet.
+    code.batch = -(-tc.steps * tc.grad_accum * tc.batch_size // code.batch_size)
+    captions = run.loader(run.scenes, caption_rows, tc.seed + 7, whole_documents=True)
+
+    def evaluate(model):
+        return {**run.code_eval(model), "caption_loss": run.caption_eval(model)["loss"]}
+
+    return Stage("joint", run.stage_config(cfg.joint_steps, cfg.joint_lr), Mixture(code, captions), causal_lm_loss,
+                 ("",), evaluate, decoder_rows=True, images=True)
+
+
+RECIPES: dict[str, Callable[[Run], Stage | None]] = {
+    "contrastive": contrastive, "text": text, "align": align, "joint": joint}
+
+
+# ------------------------------------------------------------------------------------------------
+# Running one
+# ------------------------------------------------------------------------------------------------
+
+def estimate_seconds(run: Run, stage: Stage) -> float:
+    """Training flops per token x tokens / (measured peak x TYPICAL_MFU)."""
+    c = stage.config
+    tokens = c.steps * c.grad_accum * c.batch_size * c.seq_len * run.world_size
+    return run.flops_per_token * tokens / (run.peak_flops * run.world_size * TYPICAL_MFU)
+
+
+def run_stage(run: Run, stage: Stage) -> None:
+    """Freezes all but the stage's trainable weights, trains (or resumes) it, records the result."""
+    from .loop import train
+
+    main = run.rank == 0
+    if stage.decoder_rows:
+        run.estimates[stage.name] = estimate_seconds(run, stage)
+        if main:
+            c = stage.config
+            print(f"[{stage.name}] {c.steps} steps x {c.grad_accum * c.batch_size * c.seq_len * run.world_size:,} "
+                  f"tokens: about {run.estimates[stage.name] / 60:.1f} min (estimated: "
+                  f"{run.flops_per_token / 1e6:.0f} MFLOP/token at {TYPICAL_MFU:.0%} of the measured peak)")
+    for name, p in run.model.named_parameters():
+        p.requires_grad_(name.startswith(stage.trainable))
+    start = time.perf_counter()
+    result = train(run.model, stage.config, stage.data, stage.loss, run.out, stage=stage.name,
+                   evaluate=stage.evaluate, checkpointer=run.checkpointer,
+                   flops_per_token=run.flops_per_token if stage.decoder_rows else None, peak_flops=run.peak_flops)
+    run.timings[stage.name] = time.perf_counter() - start
+    run.results[stage.name] = {"loss": result.loss, **result.eval}
+    run.trained_on_images |= stage.images
+
