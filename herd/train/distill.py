@@ -55,7 +55,7 @@ class DistillationLoss(nn.Module):
         self.temperature, self.weighting, self.alpha, self.alpha_end = temperature, weighting, alpha, alpha_end
         self.train_teacher = train_teacher
         if train_teacher:
-            self.teacher = teacher  # a submodule: optimised and checkpointed with the loss
+            self.teacher = teacher.train().requires_grad_(True)  # a submodule: optimised and saved with the loss
             self.frozen: dict[str, nn.Module] = {}
         else:
             self.frozen = {"teacher": teacher}  # a plain dict: not a submodule, never optimised or saved
