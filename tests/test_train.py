@@ -335,3 +335,23 @@ def test_inference_copy_is_decode_ready_and_synced_every_n_steps(tmp_path):
             assert copy is seen[step - 1][1]
             assert not torch.allclose(copy_logits, model_logits, atol=1e-4)
     assert len({id(copy) for _, copy, _, _ in seen}) == 3
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_keys(tmp_path):
+    from herd.train.recompute import checkpoint_activations
+
+    model, recomputed = small_model(), small_model()
+    assert checkpoint_activations(recomputed) == 2
+    assert list(recomputed.state_dict()) == list(model.state_dict())  # names unchanged
+    batch = token_data().batch(0)
+    calls = {id(model): 0, id(recomputed): 0}
+    for m in (model, recomputed):
+        m.layers[0].self_attn.register_forward_hook(lambda *_, key=id(m): calls.__setitem__(key, calls[key] + 1))
+        causal_lm_loss(m, batch).loss_sum.backward()
+    assert (calls[id(model)], calls[id(recomputed)]) == (1, 2)  # recomputed in backward
+    for (name, a), b in zip(model.named_parameters(), recomputed.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    train(small_model(), cfg(steps=3), token_data(), causal_lm_loss, tmp_path / "plain")
+    train(small_model(), cfg(steps=3, activation_checkpointing=True), token_data(), causal_lm_loss, tmp_path / "ckpt")
+    assert train_losses(tmp_path / "ckpt") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-5)

@@ -68,6 +68,7 @@ class TrainConfig:
     distill_alpha_end: float = 0.3  # dynamic: the scheduled weight at the last step
     distill_temperature: float = 1.0
     train_teacher: bool = False  # codistillation proper: the teacher trains in the same run
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",

@@ -144,6 +144,10 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
         from .fp8 import convert_to_float8
 
         convert_to_float8(model)
+    if cfg.activation_checkpointing:
+        from .recompute import checkpoint_activations
+
+        checkpoint_activations(model)
     balancer = LoadBalancer(model, cfg.balance, cfg.bias_rate, cfg.aux_weight)
     frozen: dict[str, nn.Module] = dict(getattr(loss_fn, "frozen", {}))
     for frozen_model in frozen.values():  # read by the loss, never trained (a dict, so no submodule)
