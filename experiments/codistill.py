@@ -68,6 +68,7 @@ def main():
     parser.add_argument("--width", type=int, default=256, help="teacher hidden size (the student's is 128)")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--alpha", type=float, default=0.5, help="fixed soft-target weight")
+    parser.add_argument("--dynamic", default="0.9,0.3", help="dynamic: scheduled weight at the first,last step")
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--train_bytes", type=int, default=2_000_000)
     args = parser.parse_args()
@@ -90,7 +91,8 @@ def main():
     fixed = DistillationLoss(teacher, temperature=args.temperature, weighting="fixed", alpha=args.alpha)
     rows.append(run(f"student distilled, fixed weight {args.alpha}", model(tokenizer), args.steps, fixed, stream,
                     evaluator, args.lr))
-    dynamic = DistillationLoss(teacher, temperature=args.temperature, weighting="dynamic")
+    start, end = (float(x) for x in args.dynamic.split(","))
+    dynamic = DistillationLoss(teacher, temperature=args.temperature, weighting="dynamic", alpha=start, alpha_end=end)
     rows.append(run(f"student distilled, dynamic weight ({dynamic.alpha} -> {dynamic.alpha_end}) x confidence",
                     model(tokenizer), args.steps, dynamic, stream, evaluator, args.lr))
 

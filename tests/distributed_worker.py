@@ -1,11 +1,13 @@
 """Run by tests/test_distributed.py under torchrun: the test_train model and data, trained with
 FSDP2 + expert parallelism on every rank, sharded checkpoints. Usage:
     torchrun --nproc_per_node=2 tests/distributed_worker.py RUN_DIR STEPS KILL_AT [distill]
-`distill`: the student learns from a frozen teacher, parallelised like the model."""
+`distill`: the student learns from a frozen teacher, parallelised like the model; `bf16`: bf16
+parameters in compute, fp32 reductions."""
 
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -26,7 +28,7 @@ def distill_teacher():
 def main():
     run_dir, steps, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     ctx = init_distributed()
-    model = parallelize(small_model(), ctx.mesh)
+    model = parallelize(small_model(), ctx.mesh, param_dtype=torch.bfloat16 if sys.argv[4:] == ["bf16"] else None)
     loss = labelled_loss
     if sys.argv[4:] == ["distill"]:
         loss = DistillationLoss(parallelize(distill_teacher(), ctx.mesh), alpha=0.9, alpha_end=0.1)

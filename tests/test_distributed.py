@@ -91,3 +91,16 @@ def test_two_processes_distil_from_a_sharded_frozen_teacher_as_one_does(tmp_path
     torchrun(tmp_path / "dist", steps, -1, "distill")
     assert_same_metrics(tmp_path / "single", tmp_path / "dist",
                         ["loss", "hard_loss", "soft_loss", "soft_weight", "teacher_loss", "teacher_confidence"])
+
+
+def test_bf16_parameters_with_fp32_reductions_train_like_fp32(tmp_path):
+    steps = 4
+    train(small_model(), cfg(steps=steps, bias_rate=0.05), token_data(batch=4), labelled_loss, tmp_path / "single")
+    torchrun(tmp_path / "dist", steps, -1, "bf16")
+    fp32, bf16 = train_losses(tmp_path / "single"), train_losses(tmp_path / "dist")
+    for step in range(1, steps + 1):
+        assert bf16[step] == pytest.approx(fp32[step], rel=2e-2), step  # bf16 rounding, not a different run
+        assert bf16[step] != fp32[step]  # it really computed in bf16
+    state = torch.load(tmp_path / "dist" / "ckpt" / f"step_{steps:06d}" / "trainer_0.pt", weights_only=False)
+    exported = herd.from_pretrained(tmp_path / "dist" / "hf")
+    assert all(p.dtype == torch.float32 for p in exported.parameters()) and state["step"] == steps
