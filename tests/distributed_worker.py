@@ -1,10 +1,13 @@
 """Run by tests/test_distributed.py under torchrun: the test_train model and data, trained with
 FSDP2 + expert parallelism on every rank, sharded checkpoints. Usage:
-    torchrun --nproc_per_node=2 tests/distributed_worker.py RUN_DIR STEPS KILL_AT"""
+    torchrun --nproc_per_node=2 tests/distributed_worker.py RUN_DIR STEPS KILL_AT [distill]
+`distill`: the student learns from a frozen teacher, parallelised like the model; `bf16`: bf16
+parameters in compute, fp32 reductions."""
 
 import sys
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -12,22 +15,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from herd.distributed import init_distributed, parallelize  # noqa: E402
 from herd.distributed.checkpoint import ShardedCheckpointer, export_hf  # noqa: E402
 from herd.train.loop import train  # noqa: E402
-from herd.train.losses import causal_lm_loss  # noqa: E402
-from tests.test_train import KillAt, Killed, cfg, small_model, token_data  # noqa: E402
+from herd.train.distill import DistillationLoss  # noqa: E402
+from tests.test_train import KillAt, Killed, cfg, labelled_loss, small_model, token_data  # noqa: E402
 
 BATCH = 2  # per rank
+
+
+def distill_teacher():
+    return small_model(seed=1, hidden_size=48)
 
 
 def main():
     run_dir, steps, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     ctx = init_distributed()
-    model = parallelize(small_model(), ctx.mesh)
+    model = parallelize(small_model(), ctx.mesh, param_dtype=torch.bfloat16 if sys.argv[4:] == ["bf16"] else None)
+    loss = labelled_loss
+    if sys.argv[4:] == ["distill"]:
+        loss = DistillationLoss(parallelize(distill_teacher(), ctx.mesh), alpha=0.9, alpha_end=0.1)
     data = token_data(batch=BATCH)
     data.rank, data.world_size = ctx.rank, ctx.world_size
     source = KillAt(data, kill_at) if kill_at >= 0 else data
     c = cfg(steps=steps, bias_rate=0.05)
     try:
-        train(model, c, source, causal_lm_loss, run_dir, checkpointer=ShardedCheckpointer(run_dir / "ckpt"))
+        train(model, c, source, loss, run_dir, checkpointer=ShardedCheckpointer(run_dir / "ckpt"))
         export_hf(model, run_dir / "hf")
     except Killed:
         pass

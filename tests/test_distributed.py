@@ -1,10 +1,11 @@
 """FSDP2 + expert parallelism on 2 CPU processes (gloo) match one process on the same global
-batch, and a sharded checkpoint resumes exactly."""
+batch (losses and the loss's metrics, with or without a frozen teacher sharded like the model), and
+a sharded checkpoint resumes exactly."""
 
+import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,29 +14,25 @@ import pytest
 import torch
 
 import herd
+from herd.train.distill import DistillationLoss
 from herd.train.loop import train
-from herd.train.losses import causal_lm_loss
-from tests.test_train import cfg, small_model, token_data, train_losses
+from tests.distributed_worker import distill_teacher
+from tests.test_train import cfg, labelled_loss, small_model, token_data, train_losses
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(run_dir: Path, steps: int, kill_at: int = -1):
+def torchrun(run_dir: Path, steps: int, kill_at: int = -1, *mode: str):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-           str(WORKER), str(run_dir), str(steps), str(kill_at)]
+    # --standalone: torchrun finds a free port itself (a port chosen here could be taken before it binds)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(WORKER), str(run_dir), str(steps), str(kill_at), *mode]
     # its own session, so that a hang is cleaned up whole (torchrun's workers included)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=240)
+        _, err = proc.communicate(timeout=900)  # generous: a loaded machine is slow, not wrong
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
@@ -45,13 +42,14 @@ def torchrun(run_dir: Path, steps: int, kill_at: int = -1):
 def test_two_processes_match_one_and_resume_from_a_sharded_checkpoint(tmp_path):
     steps = 6
     reference = small_model()
-    train(reference, cfg(steps=steps, bias_rate=0.05), token_data(batch=4), causal_lm_loss, tmp_path / "single")
+    train(reference, cfg(steps=steps, bias_rate=0.05), token_data(batch=4), labelled_loss, tmp_path / "single")
     single = train_losses(tmp_path / "single")
 
     torchrun(tmp_path / "dist", steps)
     two = train_losses(tmp_path / "dist")
     for step in range(1, steps + 1):
         assert two[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
+    assert_same_metrics(tmp_path / "single", tmp_path / "dist", ["mean_target"])
 
     # As if killed after step 3's checkpoint: drop the final one, run again, compare steps 4-6.
     ckpts = tmp_path / "dist" / "ckpt"
@@ -71,3 +69,38 @@ def test_two_processes_match_one_and_resume_from_a_sharded_checkpoint(tmp_path):
         if hasattr(m, "selection_bias"):
             m.selection_bias = None
     torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def train_records(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+
+
+def assert_same_metrics(single_dir: Path, dist_dir: Path, names: list[str]):
+    single, two = train_records(single_dir), train_records(dist_dir)
+    assert single.keys() == two.keys()
+    for step in single:
+        for name in names:
+            assert two[step][name] == pytest.approx(single[step][name], rel=1e-5, abs=1e-6), (step, name)
+
+
+def test_two_processes_distil_from_a_sharded_frozen_teacher_as_one_does(tmp_path):
+    steps = 4
+    loss = DistillationLoss(distill_teacher(), alpha=0.9, alpha_end=0.1)
+    train(small_model(), cfg(steps=steps, bias_rate=0.05), token_data(batch=4), loss, tmp_path / "single")
+    torchrun(tmp_path / "dist", steps, -1, "distill")
+    assert_same_metrics(tmp_path / "single", tmp_path / "dist",
+                        ["loss", "hard_loss", "soft_loss", "soft_weight", "teacher_loss", "teacher_confidence"])
+
+
+def test_bf16_parameters_with_fp32_reductions_train_like_fp32(tmp_path):
+    steps = 4
+    train(small_model(), cfg(steps=steps, bias_rate=0.05), token_data(batch=4), labelled_loss, tmp_path / "single")
+    torchrun(tmp_path / "dist", steps, -1, "bf16")
+    fp32, bf16 = train_losses(tmp_path / "single"), train_losses(tmp_path / "dist")
+    for step in range(1, steps + 1):
+        assert bf16[step] == pytest.approx(fp32[step], rel=2e-2), step  # bf16 rounding, not a different run
+        assert bf16[step] != fp32[step]  # it really computed in bf16
+    state = torch.load(tmp_path / "dist" / "ckpt" / f"step_{steps:06d}" / "trainer_0.pt", weights_only=False)
+    exported = herd.from_pretrained(tmp_path / "dist" / "hf")
+    assert all(p.dtype == torch.float32 for p in exported.parameters()) and state["step"] == steps

@@ -230,3 +230,132 @@ def test_kept_memory_is_reused_without_page_faults():
         pytest.skip("this C library has no working mallopt")
     assert plain > 4 * 16 * 2**20 // 4096 // 2  # about one fault per page each time, as the docstring says
     assert after < plain / 20
+
+
+# ------------------------------------------------------------------------------------------------
+# Post-training features: frozen models, metrics, step hooks, the inference copy
+# ------------------------------------------------------------------------------------------------
+
+def labelled_loss(model, batch):
+    """Cross-entropy that also reports the mean target id and the targets per step: metrics whose
+    correct value (sums over micro-batches and ranks, divided once) is known from the data alone:
+    targets per micro-batch, and the mean target id over the whole step."""
+    out = causal_lm_loss(model, batch)
+    targets = batch.labels[batch.labels != -100]
+    out.metrics = {"mean_target": (targets.sum().float(), len(targets)), "targets": (len(targets), 1)}
+    return out
+
+
+def test_metrics_are_summed_over_micro_batches_before_dividing(tmp_path):
+    train(small_model(), cfg(steps=3, grad_accum=3), token_data(), labelled_loss, tmp_path)
+    records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
+    data = token_data()
+    for step in range(1, 4):
+        labels = torch.cat([data.batch(3 * (step - 1) + micro).labels.flatten() for micro in range(3)])
+        labels = labels[labels != -100]
+        assert records[step]["targets"] == pytest.approx(len(labels) / 3)
+        assert records[step]["mean_target"] == pytest.approx(labels.double().mean().item(), rel=1e-9)
+
+
+class WithReference:
+    """A loss reading a frozen reference model (as DPO's or a KL penalty's would)."""
+
+    def __init__(self, reference):
+        self.frozen = {"reference": reference}
+        self.modes = []
+
+    def __call__(self, model, batch):
+        out = causal_lm_loss(model, batch)
+        ref = self.frozen["reference"]
+        self.modes.append((ref.training, torch.is_grad_enabled()))
+        ref_logits = ref(batch.input_ids, document_ids=batch.document_ids).logits
+        # the reference stays in the graph: if the loop let it train, it would get gradients
+        out.loss_sum = out.loss_sum + 0.1 * (out.count * ref_logits.float().pow(2).mean())
+        return out
+
+
+def test_frozen_models_are_neither_trained_nor_saved(tmp_path):
+    model, reference = small_model(), small_model(seed=3)
+    before = {k: v.clone() for k, v in reference.state_dict().items()}
+    loss = WithReference(reference)
+    train(model, cfg(steps=4, ckpt_every=2), token_data(), loss, tmp_path)
+    assert all(torch.equal(before[k], v) for k, v in reference.state_dict().items())
+    assert all(not p.requires_grad and p.grad is None for p in reference.parameters())
+    assert {mode for mode, _ in loss.modes} == {False}  # eval mode for every call
+    ckpt = step_dirs(tmp_path / "checkpoints" / "train")[-1]
+    state = torch.load(ckpt / "trainer.pt", weights_only=False)
+    assert "loss_fn" not in state  # nothing of the reference in the trainer state
+    assert len(state["optimizer"]["state"]) == sum(1 for _ in model.parameters())  # the model's, only
+
+
+class CountingHook:
+    """A per-step hook with state: the (step, data position) of every call."""
+
+    def __init__(self, data):
+        self.data, self.seen = data, []
+
+    def __call__(self, context):
+        self.seen.append((context.step, self.data.step))
+
+    def state_dict(self):
+        return {"seen": list(self.seen)}
+
+    def load_state_dict(self, state):
+        self.seen = list(state["seen"])
+
+
+def test_step_hook_runs_before_the_micro_batches_and_resumes_its_state(tmp_path):
+    c = cfg(grad_accum=2)
+    data = token_data()
+    straight = CountingHook(data)
+    train(small_model(), c, data, causal_lm_loss, tmp_path / "straight", on_step=straight)
+    assert straight.seen == [(step, 2 * step) for step in range(8)]  # once per step, before its batches
+    with pytest.raises(Killed):
+        killed_data = token_data()
+        train(small_model(), c, KillAt(killed_data, at=10), causal_lm_loss, tmp_path / "killed",
+              on_step=CountingHook(killed_data))
+    data = token_data()
+    resumed = CountingHook(data)
+    train(small_model(), c, data, causal_lm_loss, tmp_path / "killed", on_step=resumed)
+    assert resumed.seen == straight.seen  # steps 0-2 from the checkpoint, 3-7 from this run
+
+
+def test_inference_copy_is_decode_ready_and_synced_every_n_steps(tmp_path):
+    ids = torch.randint(3, 60, (1, 12))
+    seen = []
+
+    def hook(context):
+        with torch.no_grad():
+            seen.append((context.step, context.inference, context.inference(ids).logits,
+                         context.model(ids).logits))
+
+    model = small_model()
+    train(model, cfg(steps=6, sync_inference_every=2), token_data(), causal_lm_loss, tmp_path, on_step=hook)
+    for step, copy, copy_logits, model_logits in seen:
+        assert copy.decode_ready and copy is not model
+        if step % 2 == 0:  # synced after the previous step (and before the first)
+            torch.testing.assert_close(copy_logits, model_logits, rtol=1e-4, atol=1e-4)
+        else:  # one step stale: still the copy of the step before
+            assert copy is seen[step - 1][1]
+            assert not torch.allclose(copy_logits, model_logits, atol=1e-4)
+    assert len({id(copy) for _, copy, _, _ in seen}) == 3
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_keys(tmp_path):
+    from herd.train.recompute import checkpoint_activations
+
+    model, recomputed = small_model(), small_model()
+    assert checkpoint_activations(recomputed) == 2
+    assert list(recomputed.state_dict()) == list(model.state_dict())  # names unchanged
+    batch = token_data().batch(0)
+    calls = {id(model): 0, id(recomputed): 0}
+    for m in (model, recomputed):
+        m.layers[0].self_attn.register_forward_hook(lambda *_, key=id(m): calls.__setitem__(key, calls[key] + 1))
+        causal_lm_loss(m, batch).loss_sum.backward()
+    assert (calls[id(model)], calls[id(recomputed)]) == (1, 2)  # recomputed in backward
+    for (name, a), b in zip(model.named_parameters(), recomputed.parameters()):
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    train(small_model(), cfg(steps=3), token_data(), causal_lm_loss, tmp_path / "plain")
+    train(small_model(), cfg(steps=3, activation_checkpointing=True), token_data(), causal_lm_loss, tmp_path / "ckpt")
+    assert train_losses(tmp_path / "ckpt") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-5)

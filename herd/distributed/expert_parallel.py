@@ -74,8 +74,9 @@ class ExpertParallel(nn.Module):
         perm = torch.cat([torch.arange(int(s), int(s) + int(n)) for s, n in zip(by_expert, lengths)]
                          ) if int(lengths.sum()) else torch.zeros(0, dtype=torch.long)
         perm = perm.to(x.device)
-        gate_up = _ScaleGrad.apply(self.gate_up_proj.to_local(), 1.0 / W)
-        down = _ScaleGrad.apply(self.down_proj.to_local(), 1.0 / W)
+        # fp32 shards, computed in the activations' dtype (bf16 under mixed precision)
+        gate_up = _ScaleGrad.apply(self.gate_up_proj.to_local().to(x.dtype), 1.0 / W)
+        down = _ScaleGrad.apply(self.down_proj.to_local().to(x.dtype), 1.0 / W)
         if perm.numel():
             out = grouped_swiglu(received[perm], recv.sum(0), gate_up, down)
         else:  # nothing routed here: stay in the graph (the backward all-to-all) and give the local

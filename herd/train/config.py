@@ -16,6 +16,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 Schedule = Literal["cosine", "wsd", "constant"]
 Balance = Literal["bias", "aux", "none"]
+DistillWeighting = Literal["fixed", "dynamic"]
 Stage = Literal["contrastive", "text", "align", "joint"]
 STAGES: tuple[str, ...] = get_args(Stage)
 
@@ -59,6 +60,15 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive NaN/inf steps before the run stops
     seed: int = 0
     progress: bool = True  # tqdm progress bar
+    sync_inference_every: int = 0  # steps between refreshes of the loop's decode-ready copy; 0 = no copy
+    # codistillation (herd/train/distill.py): soft targets from a teacher, mixed with the hard ones
+    teacher: str = ""  # an HF-layout herd checkpoint with the student's tokenizer; empty = no teacher
+    distill_weighting: DistillWeighting = "dynamic"  # fixed alpha, or schedule x teacher confidence
+    distill_alpha: float = 0.9  # soft-target weight (fixed), or its value at the first step (dynamic)
+    distill_alpha_end: float = 0.3  # dynamic: the scheduled weight at the last step
+    distill_temperature: float = 1.0
+    train_teacher: bool = False  # codistillation proper: the teacher trains in the same run
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
@@ -75,10 +85,18 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if self.sync_inference_every < 0:
+            raise ValueError(f"sync_inference_every must be >= 0 (0 = no inference copy), got {self.sync_inference_every}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         _check_choice("schedule", self.schedule, Schedule)
         _check_choice("balance", self.balance, Balance)
+        _check_choice("distill_weighting", self.distill_weighting, DistillWeighting)
+        for name in ("distill_alpha", "distill_alpha_end"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} is a weight in [0, 1], got {getattr(self, name)}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"distill_temperature must be positive, got {self.distill_temperature}")
 
 
 @dataclass

@@ -1,18 +1,26 @@
 """The training loop: the only one in herd. Recipes supply the data and the loss.
 
     for step in range(start, steps):
+        step hooks(StepContext)                             (rollouts, reference refresh, schedules)
         grad_accum micro-batches: loss_sum.backward()       (+ aux load-balancing loss if chosen)
         grads *= world / global target count                (exact mean over micro-batches and ranks)
+        loss and metric sums / counts, summed over micro-batches and ranks, divided once
         skip the step if the loss or gradient norm is NaN/inf; stop after max_bad_steps in a row
         clip, schedule the lr, AdamW step, update the MoE selection biases
+        every sync_inference_every steps: refresh the decode-ready inference copy
         log, evaluate and checkpoint on their schedules
 
 Everything else comes from outside: `data` is an iterator of `Batch`es with `state_dict()` /
 `load_state_dict()` (its position is part of the checkpoint); `loss_fn(model, batch)` returns a
-`LossOutput` and may itself be a module with parameters (they are trained and checkpointed too);
-`evaluate(model)` returns validation metrics; the checkpointer decides the on-disk format (one
-process: Hugging Face layout; distributed: sharded). Parallelism is applied to the model before it
-gets here, and a run folder with checkpoints resumes where it stopped.
+`LossOutput` (a sum, a count, and metrics as sums and counts) and may itself be a module with
+parameters (they are trained and checkpointed too). Models the loss only reads (a teacher, a
+reference) sit in `loss_fn.frozen`, a name -> module dict: the loop puts them in eval mode without
+gradients, and they are neither optimised nor written into checkpoints; under FSDP the recipe
+parallelises them as it does the model. The step hooks are `loss_fn.on_step` (if the loss has one:
+e.g. a schedule over training) and the `on_step` argument, whose `state_dict()` if any is part of
+the checkpoint. `evaluate(model)` returns validation metrics; the checkpointer decides the on-disk
+format (one process: Hugging Face layout; distributed: sharded). Parallelism is applied to the
+model before it gets here, and a run folder with checkpoints resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ from typing import Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm import tqdm
 
 from .balance import LoadBalancer
@@ -48,6 +57,49 @@ class DataSource(Protocol):
     def __next__(self) -> Batch: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
+
+
+@dataclass
+class StepContext:
+    """What a step hook sees, once per optimiser step before its micro-batches."""
+
+    step: int  # the step about to run (0-based)
+    steps: int  # total steps of this loop
+    model: nn.Module  # the trained model
+    frozen: dict[str, nn.Module]  # the loss's frozen models (teacher, reference)
+    inference: nn.Module | None  # the decode-ready copy (cfg.sync_inference_every > 0), else None
+
+
+StepHook = Callable[[StepContext], None]
+
+
+class InferenceCopy:
+    """A decode-ready copy of the trained model, for generating inside training (RL rollouts):
+    `herd.inference.prepare_for_decoding` applied to a plain copy of the current weights. The fused
+    layouts differ from the trained ones, so `sync` rebuilds the copy rather than copying tensor by
+    tensor. Under FSDP every rank gathers the full weights (a collective: every rank syncs) and
+    generates alone."""
+
+    def __init__(self, model: nn.Module):
+        self.model: nn.Module | None = None
+        self.sync(model)
+
+    @torch.no_grad()
+    def sync(self, model: nn.Module) -> None:
+        from ..inference import prepare_for_decoding
+        from ..model import Llama4
+        from ..model.moe import MoE
+
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                 for k, v in model.state_dict().items()}
+        with torch.device("meta"):
+            plain = Llama4(model.config)
+        plain.load_state_dict(state, assign=True)
+        # route as the trained model does now, selection biases included
+        for src, dst in zip((m for m in model.modules() if isinstance(m, MoE)),
+                            (m for m in plain.modules() if isinstance(m, MoE))):
+            dst.selection_bias = None if src.selection_bias is None else src.selection_bias.clone()
+        self.model = prepare_for_decoding(plain.eval())
 
 
 @dataclass
@@ -75,7 +127,7 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
           loss_fn: Callable[[nn.Module, Batch], LossOutput], run_dir: str | Path, *, stage: str = "train",
           evaluate: Callable[[nn.Module], dict] | None = None, checkpointer=None,
           metrics: MetricsLog | None = None, flops_per_token: float | None = None,
-          peak_flops: float | None = None) -> TrainResult:
+          peak_flops: float | None = None, on_step: StepHook | None = None) -> TrainResult:
     """Trains `model` for `cfg.steps` optimiser steps, resuming from the newest checkpoint of
     `stage` in `run_dir` if there is one. Returns the final step, loss and evaluation."""
     rank, world = _world()
@@ -92,7 +144,15 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
         from .fp8 import convert_to_float8
 
         convert_to_float8(model)
+    if cfg.activation_checkpointing:
+        from .recompute import checkpoint_activations
+
+        checkpoint_activations(model)
     balancer = LoadBalancer(model, cfg.balance, cfg.bias_rate, cfg.aux_weight)
+    frozen: dict[str, nn.Module] = dict(getattr(loss_fn, "frozen", {}))
+    for frozen_model in frozen.values():  # read by the loss, never trained (a dict, so no submodule)
+        frozen_model.eval().requires_grad_(False)
+    hooks = [hook for hook in (getattr(loss_fn, "on_step", None), on_step) if hook is not None]
     extra = list(loss_fn.named_parameters(prefix="loss")) if isinstance(loss_fn, nn.Module) else []
     lr_mults = lr_multipliers(model, cfg.base_width, cfg.base_depth) if cfg.metap else None
     optimizer = build_optimizer(list(model.named_parameters()) + extra, cfg, lr_mults)
@@ -110,6 +170,8 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
         balancer.load_state_dict(state.get("balancer", {}))
         if extra:
             loss_fn.load_state_dict(state["loss_fn"])
+        if hasattr(on_step, "load_state_dict"):
+            on_step.load_state_dict(state["on_step"])
         if rank == 0:
             print(f"[{stage}] resumed from {latest} (step {start})")
 
@@ -118,6 +180,8 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
                  "balancer": balancer.state_dict(), "stage": stage}
         if extra:
             state["loss_fn"] = loss_fn.state_dict()
+        if hasattr(on_step, "state_dict"):
+            state["on_step"] = on_step.state_dict()
         checkpointer.save(step, model, optimizer, state)
 
     def run_eval(step: int) -> dict:
@@ -130,14 +194,22 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
         metrics.write({"stage": stage, "step": step, "kind": "eval", **result})
         return result
 
+    inference = InferenceCopy(model) if cfg.sync_inference_every else None
+
     bar = tqdm(total=cfg.steps, initial=start, desc=stage, disable=not cfg.progress or rank != 0,
                dynamic_ncols=True, leave=True)
     model.train()
     bad_in_a_row, loss_value, last_eval = 0, float("nan"), {}
     window_tokens, window_start = 0, time.perf_counter()
     for step in range(start, cfg.steps):
+        # ---- once per step, before its micro-batches
+        context = StepContext(step, cfg.steps, model, frozen, inference.model if inference else None)
+        for hook in hooks:
+            hook(context)
+
         # ---- forward and backward over the micro-batches of this step
         loss_sum, count, n_tokens = 0.0, 0, 0
+        metric_sums: dict[str, list[float]] = {}  # name -> [sum, count]
         for micro in range(cfg.grad_accum):
             batch = next(data).to(device)
             if hasattr(model, "set_requires_gradient_sync"):  # FSDP: reduce gradients once, at the end
@@ -152,8 +224,15 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
             loss_sum += out.loss_sum.item()
             count += out.count
             n_tokens += batch.input_ids.numel()
-        loss_sum, count, n_tokens = _all_sum([loss_sum, count, n_tokens])
+            for name, (value, n) in out.metrics.items():
+                total = metric_sums.setdefault(name, [0.0, 0.0])
+                total[0] += float(value)
+                total[1] += float(n)
+        names = sorted(metric_sums)  # every rank's loss reports the same names
+        totals = _all_sum([loss_sum, count, n_tokens] + [x for name in names for x in metric_sums[name]])
+        loss_sum, count, n_tokens = totals[:3]
         loss_value = loss_sum / max(count, 1)
+        step_metrics = {name: totals[3 + 2 * i] / max(totals[4 + 2 * i], 1e-12) for i, name in enumerate(names)}
         scale = world / max(count, 1)  # FSDP averages gradients over ranks; undo that, divide by count
         for p in params:
             if p.grad is not None:
@@ -180,15 +259,17 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         load = balancer.step()
+        done = step + 1
+        if inference is not None and done % cfg.sync_inference_every == 0:
+            inference.sync(model)
 
         # ---- logging, evaluation, checkpoints
-        done = step + 1
         window_tokens += n_tokens
         if done % cfg.log_every == 0 or done == cfg.steps:
             elapsed = time.perf_counter() - window_start
             tok_s = window_tokens / max(elapsed, 1e-9)
             record = {"stage": stage, "step": done, "kind": "train", "loss": loss_value, "lr": lr,
-                      "grad_norm": grad_norm, "tokens_per_s": tok_s, "time": time.time()}
+                      "grad_norm": grad_norm, "tokens_per_s": tok_s, "time": time.time(), **step_metrics}
             if flops_per_token and peak_flops:
                 record["mfu"] = tok_s * flops_per_token / (peak_flops * world)
             if balancer.layers and load.sum() > 0:  # stages that never route (contrastive) log none

@@ -2,13 +2,14 @@
 
 A loss returns a *sum* over its targets and the number of targets, never a mean: the loop adds sums
 over micro-batches and data-parallel ranks and divides once by the global count, so gradient
-accumulation and any number of processes give the same update as one big batch.
+accumulation and any number of processes give the same update as one big batch. The metrics a loss
+reports (KL, rewards, weights) are sums and counts for the same reason.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,8 @@ class LossOutput:
     loss_sum: torch.Tensor  # scalar: summed over targets
     count: int  # number of targets
     router: list[RouterStats]
+    # name -> (sum, count), logged as sum / count after summing both over micro-batches and ranks
+    metrics: dict[str, tuple[torch.Tensor | float, float]] = field(default_factory=dict)
 
 
 def causal_lm_loss(model: nn.Module, batch: Batch) -> LossOutput:
