@@ -355,3 +355,45 @@ def test_incremental_text_holds_partial_characters_and_stop_strings(loaded):
     text = IncrementalText(tok, stop=["world!"])  # a prefix that never completes is released at the end
     pieces = [text.add([i]) for i in tok.encode("hello world")]
     assert "".join(pieces) == "hello " and text.flush() == "world"
+
+
+def test_serve_command_prints_the_url_and_drains_on_sigterm(checkpoint):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    port = free_port()
+    (checkpoint / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_p": 0.5}))
+    env = {**os.environ, "HERD_API_KEY": "k3y"}
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(checkpoint), "--port", str(port),
+                             "--max-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()  # printed before the server starts listening
+        assert f"http://127.0.0.1:{port}" in line, line
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k3y", timeout=TIMEOUT, max_retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline and proc.poll() is None, "herd serve did not come up"
+                time.sleep(0.1)
+        name = models.data[0].id
+        assert name == checkpoint.name
+        # generation_config.json's temperature 0 is the default: two unseeded replies agree.
+        replies = [client.completions.create(model=name, prompt="x =", max_tokens=6).choices[0].text for _ in range(2)]
+        assert replies[0] == replies[1]
+        whole = client.completions.create(model=name, prompt="y =", max_tokens=300)
+        assert whole.usage.completion_tokens > 20, "a reply long enough to be cut by the signal"
+        stream = client.completions.create(model=name, prompt="y =", max_tokens=300, stream=True)
+        first = next(iter(stream))
+        proc.send_signal(signal.SIGTERM)  # the running stream still completes
+        rest = list(stream)
+        assert first.choices[0].text + "".join(c.choices[0].text for c in rest) == whole.choices[0].text
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
