@@ -237,6 +237,9 @@ def test_n_seed_and_stop_strings(server):
     pieces = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="class Foo:", max_tokens=24,
                                                                    temperature=0, stop=stop, stream=True)]
     assert "".join(pieces) == cut.choices[0].text
+    long = client.completions.create(model="tiny", prompt="class Foo:", max_tokens=40, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert long.usage.completion_tokens == 40 and long.choices[0].finish_reason == "length"
 
 
 def test_chat_logprobs(server):

@@ -31,8 +31,10 @@ def wait_for(condition, what: str, timeout: float = WAIT):
 
 
 @pytest.fixture
-def browser():
+def browser(monkeypatch):
     from selenium.webdriver.chrome.service import Service
+
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager must not fetch anything
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM

@@ -233,7 +233,7 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
         return SamplingParams(
             max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
             top_k=top_k if top_k and top_k > 0 else None,
-            seed=None if body.seed is None else body.seed + choice, stop_token_ids=tuple(tokenizer.stop_ids),
+            seed=None if body.seed is None else body.seed + choice, stop_token_ids=() if body.ignore_eos else tuple(tokenizer.stop_ids),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def start(body, prompts: list[tuple[list[int], object]], max_tokens, logprobs, prompt_logprobs) -> Generation:
