@@ -32,7 +32,7 @@ TIMEOUT = 60  # seconds, for any one request
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300)
+    tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=30_000)], num_bpe_ranks=300)
     text = TextConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                       num_local_experts=2, attention_chunk_size=16, max_position_embeddings=2048,

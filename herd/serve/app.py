@@ -233,7 +233,8 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
         return SamplingParams(
             max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p),
             top_k=top_k if top_k and top_k > 0 else None,
-            seed=None if body.seed is None else body.seed + choice, stop_token_ids=() if body.ignore_eos else tuple(tokenizer.stop_ids),
+            seed=None if body.seed is None else body.seed + choice,
+            stop_token_ids=() if body.ignore_eos else tuple(tokenizer.stop_ids),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
     def start(body, prompts: list[tuple[list[int], object]], max_tokens, logprobs, prompt_logprobs) -> Generation:
@@ -367,7 +368,8 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
 
         def echo_part(index: int, prompt_lps) -> tuple[str, list]:
             ids = choice_prompt[index]
-            entries = [(t, lp, None if lp is None else [(t, lp)]) for t, lp in zip(ids, prompt_lps or [None] * len(ids))]
+            prompt_lps = prompt_lps or [None] * len(ids)
+            entries = [(t, lp, None if lp is None else [(t, lp)]) for t, lp in zip(ids, prompt_lps)]
             return tokenizer.decode(ids, skip_special=True), entries
 
         def gen_entries(events_lps: list[TokenLogprob]) -> list:
@@ -397,6 +399,9 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
                     yield sse(err.body())
                     return
                 if include_usage:
+                    if scoring_only:
+                        for c in gen.choices.values():
+                            c.completion_tokens = 0
                     yield sse({"id": cid, "object": "text_completion", "created": created,
                                "model": config.model_name, "choices": [], "usage": gen.usage})
                 yield "data: [DONE]\n\n"
@@ -438,7 +443,10 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
-        check_prompt(body.tokens or [0])
+        bad = next((t for t in body.tokens if not 0 <= t < tokenizer.vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"token id {bad} is outside the vocabulary (0..{tokenizer.vocab_size - 1})",
+                           param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
     @app.get("/metrics")

@@ -98,7 +98,8 @@ def to_herd_messages(messages: list[dict], max_images: int) -> list[dict]:
                     images += 1
                     if images > max_images:
                         raise APIError(400, f"more than {max_images} images in one request", param=where)
-                    parts.append({"type": "image", "image": decode_image_url(part.get("image_url"), f"{where}.content[{j}]")})
+                    image = decode_image_url(part.get("image_url"), f"{where}.content[{j}]")
+                    parts.append({"type": "image", "image": image})
                 else:
                     raise APIError(400, f"{where}.content[{j}] must be a text or image_url part", param=where)
             content = parts
