@@ -388,13 +388,14 @@ def test_serve_command_prints_the_url_and_drains_on_sigterm(checkpoint):
         # generation_config.json's temperature 0 is the default: two unseeded replies agree.
         replies = [client.completions.create(model=name, prompt="x =", max_tokens=6).choices[0].text for _ in range(2)]
         assert replies[0] == replies[1]
-        whole = client.completions.create(model=name, prompt="y =", max_tokens=300)
-        assert whole.usage.completion_tokens > 20, "a reply long enough to be cut by the signal"
-        stream = client.completions.create(model=name, prompt="y =", max_tokens=300, stream=True)
+        long = dict(model=name, prompt="y =", max_tokens=200, extra_body={"ignore_eos": True})
+        whole = client.completions.create(**long)
+        stream = client.completions.create(stream=True, **long)
         first = next(iter(stream))
         proc.send_signal(signal.SIGTERM)  # the running stream still completes
         rest = list(stream)
         assert first.choices[0].text + "".join(c.choices[0].text for c in rest) == whole.choices[0].text
+        assert rest[-1].choices[0].finish_reason == "length"
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once drained
     finally:
         if proc.poll() is None:
