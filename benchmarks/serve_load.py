@@ -1,7 +1,7 @@
 """Load test of `herd serve`: streams at concurrency 1, 4, 16 and 64 on 127.0.0.1.
 
     python benchmarks/serve_load.py [--model DIR] [--url http://127.0.0.1:PORT] [--max-tokens 32]
-                                    [--requests-per-stream 2] [--max-seconds 120] [--out serve_load]
+                                    [--requests-per-stream 2] [--max-seconds 120] [--threads N] [--out serve_load]
 
 Without --url it starts `herd serve` itself (--max-batch 64) on a free port: on --model, or on a
 random-weight model of benchmarks/common.py's shape (hidden 256, 8 MoE layers) with a small tokenizer
@@ -51,12 +51,13 @@ def build_model(directory: Path) -> Path:
     return directory
 
 
-def start_server(model: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model: Path, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(model), "--port", str(port),
-                             "--max-batch", str(max_batch), "--max-waiting", "256"],
+                             "--max-batch", str(max_batch), "--max-waiting", "256",
+                             *(["--threads", str(threads)] if threads else [])],
                             env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     return proc, f"http://127.0.0.1:{port}"
 
@@ -150,6 +151,7 @@ async def main():
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--requests-per-stream", type=int, default=2)
     p.add_argument("--max-seconds", type=float, default=120.0, help="per level")
+    p.add_argument("--threads", type=int, help="the server's CPU threads (herd serve --threads)")
     p.add_argument("--out", default="serve_load")
     args = p.parse_args()
     import openai
@@ -161,7 +163,7 @@ async def main():
         if url is None:
             tmp = tempfile.TemporaryDirectory()
             model = args.model or build_model(Path(tmp.name))
-            proc, url = start_server(model, max(levels))
+            proc, url = start_server(model, max(levels), args.threads)
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=os.environ.get("HERD_API_KEY", "none"),
                                     timeout=args.max_seconds + 60, max_retries=0)
         name = await wait_ready(client)

@@ -401,3 +401,19 @@ def test_serve_command_prints_the_url_and_drains_on_sigterm(checkpoint):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_an_engine_failure_is_a_500_without_traceback_and_the_engine_is_rebuilt(loaded):
+    with serve(loaded) as s:
+        worker = s.app.state.worker
+        broken = worker.engine
+
+        def fail():
+            raise RuntimeError("secret internal detail")
+
+        broken.step = fail
+        r = http(s.url + "/v1/completions", json_body={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert r.status_code == 500 and "secret" not in r.text and "Traceback" not in r.text
+        assert r.json()["error"]["type"] == "server_error"
+        assert worker.engine is not broken
+        assert s.client().completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason

@@ -98,9 +98,10 @@ class Generation:
         try:
             while not all(c.finished for c in self.choices.values()):
                 out = await self.queue.get()
-                if isinstance(out, Exception):
-                    raise APIError(500, "the engine failed on this request", type="server_error") \
-                        if isinstance(out, EngineFailed) else APIError(400, str(out))
+                if isinstance(out, EngineFailed):
+                    raise APIError(500, "the engine failed on this request", type="server_error")
+                if isinstance(out, ValueError):  # the engine refused the request
+                    raise APIError(400, str(out))
                 event = self._step(out)
                 if event is not None:
                     yield event

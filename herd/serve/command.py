@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     model, tokenizer = load_model_and_tokenizer(args.model, args.tokenizer, args.quantize)
     config = ServeConfig(model_name=args.served_model_name or Path(args.model).resolve().name,
                          api_key=args.api_key or os.environ.get("HERD_API_KEY") or None,
@@ -56,6 +60,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--compile", action="store_true", help="compiled decode steps (the first requests wait for it)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-waiting", type=int, default=64, help="queued requests beyond the batch before 429")
+    p.add_argument("--threads", type=int, help="CPU threads for the model (default: PyTorch's choice); on a shared "
+                   "machine 1 avoids OpenMP threads stalling on a lost core")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* (or set HERD_API_KEY)")
