@@ -10,7 +10,8 @@ produces exactly --max-tokens tokens. At concurrency c, c client tasks each send
 --requests-per-stream requests one after another (after --max-seconds a level starts no new request).
 
 Per level: errors (must be 0), time to first token and inter-token latency (p50, p99; the gaps
-between streamed chunks, each chunk's gap divided by the tokens it carries), requests/s and output
+between streamed chunks: the server sends one per engine output, usually one token, even while
+its text is held back as part of a character or a possible stop string), requests/s and output
 tokens/s (all tokens over the level's wall time). Written as JSON and a plot (OUT.json, OUT.png).
 """
 
@@ -85,7 +86,7 @@ async def one_request(client, model: str, max_tokens: int) -> dict:
         now = time.perf_counter()
         if chunk.usage is not None:
             tokens = chunk.usage.completion_tokens
-        if chunk.choices and chunk.choices[0].text:
+        if chunk.choices:  # one chunk per engine output, even while its text is held back
             if ttft is None:
                 ttft = now - sent
             else:
