@@ -417,3 +417,70 @@ def test_an_engine_failure_is_a_500_without_traceback_and_the_engine_is_rebuilt(
         assert r.json()["error"]["type"] == "server_error"
         assert worker.engine is not broken
         assert s.client().completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
+
+
+class ScriptedEngine:
+    """The engine interface, answering every request with the same tokens, one per step."""
+
+    script: list[int] = []
+
+    def __init__(self, model, **kw):
+        self.requests, self.num_waiting = {}, 0
+
+    @property
+    def num_running(self):
+        return len(self.requests)
+
+    def add(self, request):
+        self.requests[request.id] = 0
+
+    def abort(self, request_id):
+        self.requests.pop(request_id, None)
+
+    def has_unfinished(self):
+        return bool(self.requests)
+
+    def step(self):
+        from herd.inference.batching import StepOutput
+
+        outputs = []
+        for rid, k in list(self.requests.items()):
+            done = k + 1 == len(self.script)
+            outputs.append(StepOutput(rid, [self.script[k]], None, None, done, "stop" if done else None, 3))
+            self.requests[rid] = k + 1
+            if done:
+                del self.requests[rid]
+        return outputs
+
+
+def test_tool_calls_in_the_chat_format(loaded, monkeypatch):
+    from herd.chat import render_chat
+    from herd.serve import app as app_module
+
+    _, tok = loaded
+    ScriptedEngine.script = (tok.encode("Let me run it.") + [tok.python_start_id] + tok.encode("print(6 * 7)")
+                             + [tok.python_end_id, tok.eom_id])
+    monkeypatch.setattr(app_module, "Engine", ScriptedEngine)
+    with serve(loaded) as s:
+        client = s.client()
+        messages = [{"role": "user", "content": "What is 6 * 7?"}]
+        r = client.chat.completions.create(model="tiny", messages=messages)
+        choice = r.choices[0]
+        assert choice.message.content == "Let me run it." and choice.finish_reason == "tool_calls"
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "python" and json.loads(call.function.arguments) == {"code": "print(6 * 7)"}
+
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "Let me run it."  # no code as text
+        calls = [t for c in chunks for t in (c.choices[0].delta.tool_calls or [])]
+        assert json.loads(calls[0].function.arguments)["code"] == "print(6 * 7)"
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+        # The call and its result go back in the conversation as Llama 4 renders them.
+        follow = messages + [{"role": "assistant", "content": "Let me run it.",
+                              "tool_calls": [call.model_dump(exclude_none=True)]},
+                             {"role": "tool", "tool_call_id": call.id, "content": "42"}]
+        ids = http(s.url + "/tokenize", json_body={"messages": follow}).json()["tokens"]
+        assert ids == render_chat(messages + [{"role": "assistant", "content": "Let me run it.",
+                                               "tool_call": "print(6 * 7)"}, {"role": "ipython", "content": "42"}],
+                                  tok, add_generation_prompt=True).ids

@@ -24,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
-from ..chat import render_chat
+from ..chat import parse_assistant, render_chat
 from ..inference.batching import Engine, Request, SamplingParams, StepOutput, TokenLogprob
 from ..model import Llama4
 from ..tokenizer import Tokenizer
@@ -63,6 +63,7 @@ class Event:
     text: str
     logprobs: list[TokenLogprob]
     finish_reason: str | None
+    tool_call: str | None = None  # the code of a finished reply's <|python_start|>...<|python_end|>
 
 
 @dataclass
@@ -127,7 +128,11 @@ class Generation:
             text += c.text.flush()
             reason = "stop" if out.finish_reason == "abort" else out.finish_reason
         c.finished = reason is not None
-        return Event(c.index, text, out.logprobs or [], reason)
+        tool_call = None
+        if c.finished and c.text.held and not c.text.stopped:
+            tool_call = parse_assistant(c.text.ids, c.text.tokenizer).tool_call
+            reason = "tool_calls"
+        return Event(c.index, text, out.logprobs or [], reason, tool_call)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -238,7 +243,8 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
             stop_token_ids=() if body.ignore_eos else tuple(tokenizer.stop_ids),
             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
-    def start(body, prompts: list[tuple[list[int], object]], max_tokens, logprobs, prompt_logprobs) -> Generation:
+    def start(body, prompts: list[tuple[list[int], object]], max_tokens, logprobs, prompt_logprobs,
+              chat: bool = False) -> Generation:
         if body.n > config.max_n:
             raise APIError(400, f"n is {body.n}; this server allows at most {config.max_n}", param="n")
         stop = body.stop_strings()
@@ -250,7 +256,8 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
                 index = p * body.n + j
                 requests.append(Request(f"{rid}-{index}", ids, sampling(body, max_tokens, len(ids), logprobs,
                                                                           prompt_logprobs, j), pixels))
-                choices.append(_Choice(index, p, IncrementalText(tokenizer, stop), len(ids)))
+                text = IncrementalText(tokenizer, stop, hold_from=tokenizer.python_start_id if chat else None)
+                choices.append(_Choice(index, p, text, len(ids)))
         return Generation(worker, rid, requests, choices)
 
     def chat_logprobs(entries: list[TokenLogprob]) -> dict:
@@ -302,8 +309,13 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         if max_tokens == 0:
             raise APIError(400, "max_tokens must be at least 1 for a chat completion", param="max_tokens")
-        gen = start(body, [(rendered.ids, rendered.pixel_values)], max_tokens, logprobs, False)
+        gen = start(body, [(rendered.ids, rendered.pixel_values)], max_tokens, logprobs, False, chat=True)
         created, cid = int(time.time()), f"chatcmpl-{gen.id}"
+
+        def tool_calls(index: int, code: str) -> list[dict]:
+            # Llama 4's one tool call per turn: code for its python tool.
+            return [{"index": 0, "id": f"call_{gen.id}_{index}", "type": "function",
+                     "function": {"name": "python", "arguments": json.dumps({"code": code})}}]
 
         def chunk(choices, usage=None):
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": config.model_name,
@@ -319,7 +331,10 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
                 try:
                     async for e in gen.events():
                         if e.text or e.finish_reason or (logprobs is not None and e.logprobs):
-                            yield sse(chunk([{"index": e.index, "delta": {"content": e.text} if e.text else {},
+                            delta = {"content": e.text} if e.text else {}
+                            if e.tool_call is not None:
+                                delta["tool_calls"] = tool_calls(e.index, e.tool_call)
+                            yield sse(chunk([{"index": e.index, "delta": delta,
                                               "logprobs": chat_logprobs(e.logprobs) if logprobs is not None else None,
                                               "finish_reason": e.finish_reason}]))
                 except APIError as err:
@@ -333,12 +348,17 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
         texts = [""] * body.n
         lps: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
         reasons = [None] * body.n
+        messages = [{"role": "assistant"} for _ in range(body.n)]
         async for e in gen.events():
             texts[e.index] += e.text
             lps[e.index] += e.logprobs
             reasons[e.index] = e.finish_reason or reasons[e.index]
+            if e.tool_call is not None:
+                messages[e.index]["tool_calls"] = tool_calls(e.index, e.tool_call)
+        for i, message in enumerate(messages):
+            message["content"] = texts[i] if texts[i] or "tool_calls" not in message else None
         return {"id": cid, "object": "chat.completion", "created": created, "model": config.model_name,
-                "choices": [{"index": i, "message": {"role": "assistant", "content": texts[i]},
+                "choices": [{"index": i, "message": messages[i],
                              "logprobs": chat_logprobs(lps[i]) if logprobs is not None else None,
                              "finish_reason": reasons[i]} for i in range(body.n)],
                 "usage": gen.usage}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -105,8 +106,28 @@ def to_herd_messages(messages: list[dict], max_images: int) -> list[dict]:
             content = parts
         elif content is not None and not isinstance(content, str):
             raise APIError(400, f"{where}.content must be a string, a list of parts or null", param=where)
-        out.append({"role": ROLES[message["role"]], "content": content})
+        herd_message = {"role": ROLES[message["role"]], "content": content}
+        if message.get("tool_calls"):
+            herd_message["tool_call"] = _tool_call_code(message, where)
+        out.append(herd_message)
     return out
+
+
+def _tool_call_code(message: dict, where: str) -> str:
+    """The code of an assistant message's one tool call (Llama 4's python tool, as herd answers it:
+    arguments {"code": ...}; other arguments are passed on as their JSON text)."""
+    calls = message["tool_calls"]
+    if message["role"] != "assistant" or not isinstance(calls, list) or len(calls) != 1:
+        raise APIError(400, f"{where}.tool_calls: Llama 4's format takes one tool call, on an assistant message",
+                       param=where)
+    arguments = calls[0].get("function", {}).get("arguments") if isinstance(calls[0], dict) else None
+    if not isinstance(arguments, str):
+        raise APIError(400, f"{where}.tool_calls[0].function.arguments must be a JSON string", param=where)
+    try:
+        parsed = json.loads(arguments)
+    except json.JSONDecodeError:
+        raise APIError(400, f"{where}.tool_calls[0].function.arguments is not valid JSON", param=where) from None
+    return parsed["code"] if isinstance(parsed, dict) and isinstance(parsed.get("code"), str) else arguments
 
 
 def decode_image_url(image_url, where: str) -> bytes:

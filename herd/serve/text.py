@@ -17,8 +17,11 @@ from ..tokenizer import Tokenizer
 
 
 class IncrementalText:
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
-        self.tokenizer = tokenizer
+    """`hold_from`: a token id after which nothing more is released as text (a chat reply's
+    `<|python_start|>`: the tool call that follows is reported as a tool call, not as content)."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), hold_from: int | None = None):
+        self.tokenizer, self.hold_from = tokenizer, hold_from
         self.stop = [s for s in stop if s]
         self.ids: list[int] = []
         self.sent = 0  # characters of the decoded text already released
@@ -29,7 +32,7 @@ class IncrementalText:
         if self.stopped:
             return ""
         self.ids.extend(token_ids)
-        text = self.tokenizer.decode(self.ids, skip_special=True)
+        text = self._text()
         # A stop string can only end in the new part, but may begin up to its length before it.
         search_from = max(0, self.sent - max((len(s) for s in self.stop), default=0))
         hits = [i for i in (text.find(s, search_from) for s in self.stop) if i >= 0]
@@ -46,7 +49,16 @@ class IncrementalText:
         """At the end of the reply (stop token or length): releases whatever was held back."""
         if self.stopped:
             return ""
-        return self._release(self.tokenizer.decode(self.ids, skip_special=True), None)
+        return self._release(self._text(), None)
+
+    @property
+    def held(self) -> bool:
+        """Has `hold_from` appeared?"""
+        return self.hold_from is not None and self.hold_from in self.ids
+
+    def _text(self) -> str:
+        ids = self.ids[:self.ids.index(self.hold_from)] if self.held else self.ids
+        return self.tokenizer.decode(ids, skip_special=True)
 
     def _release(self, text: str, end: int | None) -> str:
         end = len(text) if end is None else max(end, self.sent)
