@@ -345,6 +345,22 @@ def test_full_queue_gets_429_and_a_dropped_stream_frees_its_row(loaded):
             time.sleep(0.05)
         assert client.completions.create(model="tiny", prompt="b", max_tokens=2).choices[0].text is not None
 
+        # A client that hangs up on a reply that is not streamed frees its row too.
+        body = json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 2000, "ignore_eos": True}).encode()
+        with socket.create_connection(("127.0.0.1", s.port), timeout=TIMEOUT) as sock:
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            wait = time.monotonic() + 30
+            while not metric(s, "herd_requests_running"):
+                assert time.monotonic() < wait, "the request did not start"
+                time.sleep(0.02)
+            tokens_then = metric(s, "herd_generation_tokens_total")
+        deadline = time.monotonic() + 30
+        while metric(s, "herd_requests_running") or s.app.state.worker.in_flight():
+            assert time.monotonic() < deadline, "the hung-up request's row was not freed"
+            time.sleep(0.05)
+        assert metric(s, "herd_generation_tokens_total") - tokens_then < 1900  # stopped long before 2000
+
 
 def test_incremental_text_holds_partial_characters_and_stop_strings(loaded):
     _, tok = loaded

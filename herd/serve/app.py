@@ -21,6 +21,7 @@ from importlib import resources
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 
@@ -111,6 +112,23 @@ class Generation:
                 if not c.finished:
                     self.worker.abort(rid)
 
+    async def collect(self, request: HTTPRequest) -> list[Event]:
+        """All events of a reply that is not streamed. A client that hangs up before it is complete
+        aborts it (checked twice a second), as a dropped stream does."""
+        events: list[Event] = []
+
+        async def consume():
+            async for event in self.events():
+                events.append(event)
+
+        task = asyncio.ensure_future(consume())
+        while not (await asyncio.wait({task}, timeout=0.5))[0]:
+            if await request.is_disconnected():
+                task.cancel()  # events()' finally aborts the engine requests
+                raise APIError(499, "the client closed the connection")
+        task.result()  # raises what consume raised
+        return events
+
     def _step(self, out: StepOutput) -> Event | None:
         c = self.choices[out.request_id]
         if c.finished:  # already ended by a stop string; this is the engine's "abort" echo
@@ -138,6 +156,35 @@ class Generation:
 # ------------------------------------------------------------------------------------------------
 # The application
 # ------------------------------------------------------------------------------------------------
+
+class Guard:
+    """Refuses, before anything is read: bodies without Content-Length (411) or over the limit (413),
+    and /v1/* without the API key (401, compared in constant time). Plain ASGI rather than
+    `@app.middleware`, which would wrap `receive` and hide a client's disconnect from the handlers."""
+
+    def __init__(self, app, config: ServeConfig):
+        self.app, self.config = app, config
+
+    async def __call__(self, scope, receive, send):
+        refusal = self.check(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        return await JSONResponse(refusal.body(), status_code=refusal.status)(scope, receive, send)
+
+    def check(self, scope) -> APIError | None:
+        headers, limit = Headers(scope=scope), self.config.max_body_bytes
+        length = headers.get("content-length")
+        if length is None and scope["method"] == "POST":  # a chunked body could not be bounded before reading
+            return APIError(411, "send the body with a Content-Length header")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return APIError(413, f"the request body is over {limit} bytes")
+        key = self.config.api_key
+        if key is not None and scope["path"].startswith("/v1/"):
+            if not hmac.compare_digest(headers.get("authorization", "").encode(), f"Bearer {key}".encode()):
+                return APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
+                                code="invalid_api_key")
+        return None
+
 
 def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
     context = model.config.text.max_position_embeddings
@@ -187,21 +234,7 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
         log.exception("unhandled error")
         return JSONResponse(APIError(500, "internal server error", type="server_error").body(), status_code=500)
 
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next):
-        length = request.headers.get("content-length")
-        if length is None and request.method == "POST":  # a chunked body could not be bounded before reading
-            return JSONResponse(APIError(411, "send the body with a Content-Length header").body(), status_code=411)
-        if length is not None and (not length.isdigit() or int(length) > config.max_body_bytes):
-            return JSONResponse(APIError(413, f"the request body is over {config.max_body_bytes} bytes").body(),
-                                status_code=413)
-        if config.api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            expected = f"Bearer {config.api_key}"
-            if not hmac.compare_digest(given.encode(), expected.encode()):
-                return JSONResponse(APIError(401, "missing or wrong API key (send Authorization: Bearer KEY)",
-                                             code="invalid_api_key").body(), status_code=401)
-        return await call_next(request)
+    app.add_middleware(Guard, config=config)
 
     # ---------------------------------------------------------------- helpers
     def check_model(name: str):
@@ -293,7 +326,7 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
                                             "owned_by": "herd", "max_model_len": context}]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: HTTPRequest):
         check_model(body.model)
         messages = to_herd_messages(body.messages, config.max_images)
         if image_processor is None and any(isinstance(m["content"], list) and any(p["type"] == "image" for p in
@@ -349,7 +382,7 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
         lps: list[list[TokenLogprob]] = [[] for _ in range(body.n)]
         reasons = [None] * body.n
         messages = [{"role": "assistant"} for _ in range(body.n)]
-        async for e in gen.events():
+        for e in await gen.collect(request):
             texts[e.index] += e.text
             lps[e.index] += e.logprobs
             reasons[e.index] = e.finish_reason or reasons[e.index]
@@ -364,7 +397,7 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
                 "usage": gen.usage}
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: HTTPRequest):
         check_model(body.model)
         p = body.prompt
         if isinstance(p, str):
@@ -430,7 +463,7 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
 
         n = len(choice_prompt)
         texts, entries, reasons = [""] * n, [[] for _ in range(n)], [None] * n
-        async for e in gen.events():
+        for e in await gen.collect(request):
             texts[e.index] += e.text
             entries[e.index] += gen_entries(e.logprobs)
             reasons[e.index] = e.finish_reason or reasons[e.index]
