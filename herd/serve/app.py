@@ -5,7 +5,7 @@ A request becomes one engine request per choice (`n` of them per prompt; with a 
 seed + j). Limits are checked before anything is queued, so a bad request costs the engine
 nothing; a full queue is a 429 with Retry-After. Text is released through `IncrementalText`
 (whole characters, stop strings cut), and a stop string aborts its engine request at once. A
-stream whose client goes away aborts its requests, which frees their rows at the next step.
+client that goes away aborts its requests, which frees their rows at the next step.
 """
 
 from __future__ import annotations

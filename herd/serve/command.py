@@ -24,6 +24,7 @@ def generation_defaults(model_dir: str | Path) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        import fastapi  # noqa: F401
         import uvicorn
     except ImportError:
         raise ValueError('herd serve needs FastAPI and uvicorn: pip install "herd[serve]"') from None
