@@ -69,17 +69,17 @@ class EngineWorker:
     def submit(self, requests: list[Request]) -> asyncio.Queue:
         """Queues requests (the choices of one HTTP request, all or none); their outputs arrive on
         the returned queue as StepOutput objects (or an EngineFailed)."""
-        channel = _Channel(asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter())
+        loop, outputs, now = asyncio.get_running_loop(), asyncio.Queue(), time.perf_counter()
         with self.lock:
             if len(self.channels) + len(requests) > self.capacity:
                 self.metrics.add("herd_requests_rejected_total")
                 raise QueueFull
-            for r in requests:
-                self.channels[r.id] = channel
+            for r in requests:  # one queue, timed per request
+                self.channels[r.id] = _Channel(loop, outputs, now)
         self.metrics.add("herd_prompt_tokens_total", sum(len(r.prompt_ids) for r in requests))
         for r in requests:
             self.commands.put(("add", r))
-        return channel.queue
+        return outputs
 
     def abort(self, request_id: str):
         self.commands.put(("abort", request_id))
