@@ -500,3 +500,14 @@ def test_tool_calls_in_the_chat_format(loaded, monkeypatch):
         assert ids == render_chat(messages + [{"role": "assistant", "content": "Let me run it.",
                                                "tool_call": "print(6 * 7)"}, {"role": "ipython", "content": "42"}],
                                   tok, add_generation_prompt=True).ids
+
+
+def test_histogram_text_is_cumulative():
+    from herd.serve.metrics import Histogram
+
+    h = Histogram("lat", "help", (0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 3.0):
+        h.observe(v)
+    lines = h.render()
+    assert lines[2:] == ['lat_bucket{le="0.1"} 2', 'lat_bucket{le="1.0"} 3', 'lat_bucket{le="+Inf"} 4',
+                         "lat_sum 3.65", "lat_count 4"]
