@@ -48,10 +48,10 @@ def test_generate_command_streams_text(checkpoint, capsys):
 
 
 def test_generate_command_compiled_gives_the_same_text(checkpoint, capsys, monkeypatch):
-    from herd.inference import engine
+    from herd.inference import batching
 
     steps = []
-    monkeypatch.setattr(engine, "compiled_step", lambda *a: steps.append(1) or compiled_step(*a))
+    monkeypatch.setattr(batching, "compiled_step", lambda *a: steps.append(1) or compiled_step(*a))
     args = ["generate", "--model", str(checkpoint), "--prompt", "import os", "--max-new-tokens", "8",
             "--temperature", "0"]
     assert main(args) == 0
