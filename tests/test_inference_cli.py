@@ -60,6 +60,13 @@ def test_generate_command_compiled_gives_the_same_text(checkpoint, capsys, monke
     assert capsys.readouterr().out == eager and steps  # the decode steps did run compiled
 
 
+def test_a_model_loaded_for_inference_is_prepared_for_decoding(checkpoint):
+    from herd.inference.fast import FastAttention
+
+    model, _ = load_model_and_tokenizer(checkpoint, quantize="int8")
+    assert model.decode_ready and isinstance(model.layers[0].self_attn, FastAttention)
+
+
 def test_text_stream_holds_back_partial_characters(checkpoint):
     _, tok = load_model_and_tokenizer(checkpoint)
     out = []
