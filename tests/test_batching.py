@@ -80,14 +80,9 @@ def check_twin(multimodal: bool, max_batch: int, budget: int):
     assert engine.num_running == engine.num_waiting == 0
 
 
-def test_engine_equals_each_request_alone_quick():
-    check_twin(multimodal=False, max_batch=3, budget=8)
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("max_batch, budget", [(3, 8), (4, 64), (8, 512)])
 def test_engine_equals_each_request_alone(max_batch, budget):
-    """The slow twin with an image request, at several batch sizes and budgets."""
+    """The slow twin, an image request included, at several batch sizes and budgets (a few seconds each)."""
     check_twin(multimodal=True, max_batch=max_batch, budget=budget)
 
 
@@ -245,6 +240,7 @@ def test_compile_path_quick(monkeypatch):
 @pytest.mark.slow
 @pytest.mark.isa
 def test_compiled_engine_equals_eager():
+    """Compiled (minutes on 2 shared cores: graphs for batches 1 and 2, full precision and int4)."""
     model = prepare_for_decoding(tiny_model(chunk=8, moe_step=2, top_k=2))
     int4 = prepare_for_decoding(quantize_(copy.deepcopy(tiny_model(chunk=8, moe_step=2, top_k=2)), "int4"))
     requests = twin_requests(multimodal=False)[:4]
