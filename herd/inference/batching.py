@@ -9,14 +9,14 @@
 The KV cache (herd.inference.cache) has `max_batch` rows, each holding one sequence at its own
 length. A step:
 1. drops aborted requests, freeing their rows;
-2. admits waiting requests into free rows (lowest first): the row is emptied (its slots marked
-   EMPTY, which the visibility rule hides, so nothing is zeroed) and an image request's tiles are
-   encoded, once, into its prompt embeddings;
-3. decodes every running row that has a token to feed, in one forward call of one token per row
+2. decodes every running row that has a token to feed, in one forward call of one token per row
    over rows 0..n-1 (n = the highest such row + 1). Rows in that range that are free or still
    prefilling ride along as idle rows: they write at their own next slot with document EMPTY, which
    no real query sees and which their next token overwrites, so the call needs no gather of the
    cache (copying a long cache each step would cost more than the idle rows' compute);
+3. admits waiting requests into free rows (lowest first; rows that finished in step 2 included): the
+   row is emptied (its slots marked EMPTY, which the visibility rule hides, so nothing is zeroed)
+   and an image request's tiles are encoded, once, into its prompt embeddings;
 4. prefills waiting prompt pieces, oldest request first, one forward call per piece, within
    `token_budget` tokens for the whole step (each decoding row counts one). The budget bounds the
    work, and so the latency, of a step when a long prompt arrives while others decode; a prompt
@@ -24,7 +24,7 @@ length. A step:
    its first token.
 Every row samples with its own parameters and its own `torch.Generator`, so a seeded request gets
 the same tokens whatever else is batched. `generate` and `generate_stream` (herd.inference.engine)
-run on this engine; `compile=True` runs step 3 as a compiled graph (herd.inference.compiled), with
+run on this engine; `compile=True` runs step 2 as a compiled graph (herd.inference.compiled), with
 the batch and cache sizes rounded up to powers of two so that few graphs are compiled.
 
 The engine is synchronous and not thread-safe: one thread owns it. Stop *strings* and
@@ -175,10 +175,10 @@ class Engine:
         """One engine step (module docstring); returns the outputs of requests with news."""
         outputs: list[StepOutput] = []
         self._drop_aborted(outputs)
-        self._admit()
         decoding = [s for s in self.rows if s is not None and s.decoding]
         if decoding:
             self._decode(decoding, outputs)
+        self._admit()
         budget = self.token_budget - len(decoding)
         for seq in sorted((s for s in self.rows if s is not None and not s.decoding), key=lambda s: s.order):
             if budget <= 0:
