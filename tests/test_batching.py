@@ -10,8 +10,6 @@ be within GAP of the best logit of the full forward over the shared prefix (no c
 of tests/test_inference.py), and the rest of that request is not compared (its prefix differs).
 """
 
-import copy
-
 import pytest
 import torch
 
@@ -242,7 +240,7 @@ def test_compile_path_quick(monkeypatch):
 def test_compiled_engine_equals_eager():
     """Compiled (minutes on 2 shared cores: graphs for batches 1 and 2, full precision and int4)."""
     model = prepare_for_decoding(tiny_model(chunk=8, moe_step=2, top_k=2))
-    int4 = prepare_for_decoding(quantize_(copy.deepcopy(tiny_model(chunk=8, moe_step=2, top_k=2)), "int4"))
+    int4 = prepare_for_decoding(quantize_(tiny_model(chunk=8, moe_step=2, top_k=2), "int4"))
     requests = twin_requests(multimodal=False)[:4]
     arrivals = {0: requests[:2], 3: requests[2:]}
     for m in (model, int4):

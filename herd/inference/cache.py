@@ -147,7 +147,9 @@ class PrefillPiece:
         if not c.is_ring[layer]:
             ck[row, start:end], cv[row, start:end] = k[0], v[0]
             return ck[row:row + 1, :end], cv[row:row + 1, :end], self.full
-        keys, values = (k, v) if start == 0 else (torch.cat([ck[row:row + 1], k], 1), torch.cat([cv[row:row + 1], v], 1))
+        keys, values = k, v
+        if start:
+            keys, values = torch.cat([ck[row:row + 1], k], 1), torch.cat([cv[row:row + 1], v], 1)
         keep = self.ring_write.numel()
         ck[row, self.ring_write], cv[row, self.ring_write] = k[0, self.n - keep:], v[0, self.n - keep:]
         return keys, values, self.ring
