@@ -127,6 +127,7 @@ def test_seeded_sampling_ignores_the_rest_of_the_batch():
     assert sampled(7, others) == alone
     assert sampled(7, others[::-1]) == alone
     assert sampled(8, others) != alone
+    assert sampled(-3, []) == sampled(-3 + 2**64, others)  # any integer seed, taken modulo 2**64
 
 
 def test_stop_tokens_limits_and_abort():
@@ -200,6 +201,8 @@ def test_bad_requests_are_explained():
     image_engine = Engine(tiny_model(multimodal=True), max_batch=1, token_budget=8)
     with pytest.raises(ValueError, match="patch"):
         image_engine.add(Request("a", [5, 6], greedy(2), torch.zeros(1, 3, 32, 32)))
+    with pytest.raises(ValueError, match="tiles"):
+        image_engine.add(Request("a", [5, 6], greedy(2), torch.zeros(1, 3, 30, 32)))
     with pytest.raises(ValueError, match="token_budget"):
         Engine(model, max_batch=8, token_budget=8)
     assert not engine.has_unfinished()

@@ -216,8 +216,14 @@ class Engine:
             if self.model.vision is None:
                 raise ValueError("pixel_values given, but this model has no vision tower (a text-only checkpoint); "
                                  "drop the image or load a multimodal (Llama4ForConditionalGeneration) checkpoint")
-            per_tile = self.model.config.vision.tokens_per_tile
-            patches, tiles = ids.count(self.model.config.image_token_index), request.pixel_values.shape[0]
+            vision, pixels = self.model.config.vision, request.pixel_values
+            tile = (vision.num_channels, vision.image_size, vision.image_size)
+            if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or tuple(pixels.shape[1:]) != tile:
+                shape = list(pixels.shape) if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+                raise ValueError(f"pixel_values must be a tensor [tiles, {', '.join(map(str, tile))}] (this model's "
+                                 f"tiles), got {shape}; make them with the model's image processor")
+            per_tile = vision.tokens_per_tile
+            patches, tiles = ids.count(self.model.config.image_token_index), pixels.shape[0]
             if patches != tiles * per_tile:
                 raise ValueError(f"image tokens and image features do not match: the prompt holds {patches} "
                                  f"<|patch|> tokens but pixel_values give {tiles} tiles x {per_tile} per tile; "
@@ -249,8 +255,8 @@ class Engine:
             if request.pixel_values is not None:  # tiles encoded once; pieces take slices
                 embeds = model.embed(prompt[None], request.pixel_values.to(self.device))[0]
             generator = None
-            if sp.seed is not None:
-                generator = torch.Generator(self.device).manual_seed(sp.seed)
+            if sp.seed is not None:  # any integer: torch takes seeds modulo 2**64
+                generator = torch.Generator(self.device).manual_seed(sp.seed % 2**64)
             stops = self.default_stops if sp.stop_token_ids is None else frozenset(sp.stop_token_ids)
             self.rows[row] = _Sequence(request, row, self._admitted, prompt, embeds, stops, generator,
                                        prompt_logprobs=[None] if sp.prompt_logprobs else None)
