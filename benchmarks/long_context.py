@@ -32,29 +32,34 @@ def rss_mib() -> float:
 
 def one(length: int, new: int, prefill_chunk: int) -> dict:
     from herd import get_preset
-    from herd.inference import Decoder, StaticKVCache, prefill
+    from herd.inference import StaticKVCache
     from herd.model import Llama4
-    from herd.model.attention import TokenLayout
 
     config = get_preset("tiny")
     config.vision = None
     config.text.max_position_embeddings = max(config.text.max_position_embeddings, length + new)
     torch.manual_seed(0)
     model = Llama4(config).eval()
-    prompt = torch.randint(0, 7936, (1, length))
+    prompt = torch.randint(0, 7936, (length,))
     base = rss_mib()
     with torch.inference_mode():
-        decoder = Decoder(model)
         cache = StaticKVCache(config.text, 1, length + new, dtype=model.dtype)
         t = time.perf_counter()
-        logits, pos = prefill(decoder, prompt, cache, prefill_chunk=prefill_chunk)
+        for a in range(0, length, prefill_chunk):  # the engine's prefill: one piece per call
+            piece = cache.piece(0, min(prefill_chunk, length - a))
+            h = model.embed_tokens(prompt[None, a:a + prefill_chunk])
+            logits = model(inputs_embeds=h, layout=piece.layout, cache=piece, logits_to_keep=1).logits[:, -1]
         t_prefill = time.perf_counter() - t
         tokens = logits.argmax(-1)
+        document = torch.zeros(1, dtype=torch.long)
         for step in range(new):
             if step == 2:  # the first steps pay one-time costs
                 t = time.perf_counter()
-            pos = pos + 1
-            tokens = decoder(model.embed_tokens(tokens[:, None]), TokenLayout(pos), cache).argmax(-1)
+            positions = torch.tensor(cache.lengths)
+            view = cache.step(positions, document, end=cache.lengths[0] + 1)
+            logits = model(tokens[:, None], layout=view.layout, cache=view, logits_to_keep=1).logits[:, -1]
+            cache.lengths[0] += 1
+            tokens = logits.argmax(-1)
         t_decode = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return dict(length=length, prefill_tps=length / t_prefill, decode_tps=(new - 2) / t_decode,

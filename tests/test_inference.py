@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from herd.config import from_hf_dict
-from herd.inference import Decoder, StaticKVCache, generate, generate_stream, pad_prompts, prefill, sample
+from herd.inference import StaticKVCache, generate, generate_stream, pad_prompts, sample
 from herd.model import Llama4
-from herd.model.attention import TokenLayout
 from tests.hf_reference import IMAGE_TOKEN, build_hf_model, hf_config_dict, image_prompt, randomize_
 
 
@@ -24,15 +23,27 @@ def random_rows(lengths, seed=0):
 
 @torch.no_grad()
 def cached_logits(model, ids, mask, pixels, continuation, prefill_chunk):
-    """Logits of every continuation token, computed by prefill + one decode step per token."""
-    decoder = Decoder(model)
-    cache = StaticKVCache(model.config.text, ids.shape[0], ids.shape[1] + continuation.shape[1], dtype=model.dtype)
-    logits, pos = prefill(decoder, ids, cache, mask, pixels, prefill_chunk)
-    out = [logits]
+    """Logits of every continuation token, computed through the cache: each row's prompt (padding
+    dropped) prefilled in pieces into its own row, then one decode step per token for all rows
+    together, each row at its own length."""
+    B = ids.shape[0]
+    cache = StaticKVCache(model.config.text, B, ids.shape[1] + continuation.shape[1], dtype=model.dtype)
+    embeds = model.embed(ids, pixels)  # [B, T, D], image features in place
+    first = []
+    for b in range(B):
+        h = embeds[b, mask[b].bool()]
+        for a in range(0, h.shape[0], prefill_chunk):
+            piece = cache.piece(b, min(prefill_chunk, h.shape[0] - a))
+            logits = model(inputs_embeds=h[None, a:a + prefill_chunk], layout=piece.layout, cache=piece,
+                           logits_to_keep=1).logits[0, -1]
+        first.append(logits)
+    out = [torch.stack(first)]
     for i in range(continuation.shape[1]):
-        pos = pos + 1
-        out.append(decoder(model.embed_tokens(continuation[:, i:i + 1]), TokenLayout(pos), cache))
-    return torch.stack(out, 1)  # [B, new + 1, V]
+        positions = torch.tensor(cache.lengths)
+        step = cache.step(positions, torch.zeros_like(positions), end=int(positions.max()) + 1)
+        out.append(model(continuation[:, i:i + 1], layout=step.layout, cache=step, logits_to_keep=1).logits[:, -1])
+        cache.lengths = [n + 1 for n in cache.lengths]
+    return torch.stack(out, 1).float()  # [B, new + 1, V]
 
 
 @pytest.mark.parametrize("chunk", [3, 8, 64])
@@ -61,7 +72,7 @@ def test_cached_decoding_equals_full_forward(chunk, images):
 def test_ring_cache_is_bounded():
     model = tiny_model(chunk=8)  # layers 0, 2 RoPE (chunked), 1, 3 NoPE
     cache = StaticKVCache(model.config.text, batch=2, max_tokens=100)
-    assert [s.k.shape[1] for s in cache.slots] == [8, 100, 8, 100]
+    assert [k.shape[1] for k in cache.k] == [8, 100, 8, 100]
     assert cache.nbytes() == (8 + 100) * 2 * (2 * 2 * 2 * 16 * 4)
     assert cache.unbounded_nbytes() == 4 * 100 * 2 * (2 * 2 * 16 * 4)
 

@@ -49,16 +49,23 @@ def test_generate_command_streams_text(checkpoint, capsys):
 
 
 def test_generate_command_compiled_gives_the_same_text(checkpoint, capsys, monkeypatch):
-    from herd.inference import engine
+    from herd.inference import batching
 
     steps = []
-    monkeypatch.setattr(engine, "compiled_step", lambda *a: steps.append(1) or compiled_step(*a))
+    monkeypatch.setattr(batching, "compiled_step", lambda *a: steps.append(1) or compiled_step(*a))
     args = ["generate", "--model", str(checkpoint), "--prompt", "import os", "--max-new-tokens", "8",
             "--temperature", "0"]
     assert main(args) == 0
     eager = capsys.readouterr().out
     assert main(args + ["--compile"]) == 0
     assert capsys.readouterr().out == eager and steps  # the decode steps did run compiled
+
+
+def test_a_model_loaded_for_inference_is_prepared_for_decoding(checkpoint):
+    from herd.inference.fast import FastAttention
+
+    model, _ = load_model_and_tokenizer(checkpoint, quantize="int8")
+    assert model.decode_ready and isinstance(model.layers[0].self_attn, FastAttention)
 
 
 def test_text_stream_holds_back_partial_characters(checkpoint):

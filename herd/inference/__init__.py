@@ -1,9 +1,10 @@
-"""Inference: the iRoPE-aware KV cache, sampling and the generation loop."""
+"""Inference: the iRoPE-aware KV cache, the continuous-batching engine, sampling and generation."""
 
+from .batching import Engine, Request, SamplingParams, StepOutput, TokenLogprob
 from .cache import StaticKVCache
-from .engine import Decoder, generate, generate_stream, pad_prompts, prefill
+from .engine import generate, generate_stream, pad_prompts
 from .fast import prepare_for_decoding
 from .sampling import sample
 
-__all__ = ["StaticKVCache", "Decoder", "generate", "generate_stream", "pad_prompts", "prefill", "prepare_for_decoding",
-           "sample"]
+__all__ = ["Engine", "Request", "SamplingParams", "StaticKVCache", "StepOutput", "TokenLogprob", "generate",
+           "generate_stream", "pad_prompts", "prepare_for_decoding", "sample"]

@@ -1,19 +1,16 @@
-"""Generation: prefill the prompt in pieces into a preallocated cache, then decode one token a step.
+"""Generation for a fixed batch of prompts: `generate` returns prompt + new tokens;
+`generate_stream` yields each step's tokens as they come. Both run on the continuous-batching
+engine (herd.inference.batching), one request per row.
 
-`generate` returns prompt + new tokens; `generate_stream` yields each step's tokens as they come.
-Batches of prompts of different lengths are left-padded (`pad_prompts`) with an attention mask:
-positions count from each row's first real token, so padding changes nothing a row computes.
+A batch of prompts of different lengths comes left-padded (`pad_prompts`) with an attention mask;
+each row's padding is dropped and the row becomes a request of its own, so padding changes nothing
+a row computes. Prompts are prefilled in pieces of `prefill_chunk` tokens, which keeps peak memory
+linear in the prompt: each piece's attention mask is [piece, cached + piece], never [prompt, prompt],
+and only the last token of the last piece is projected to the vocabulary. Images are encoded once
+per row, when the row is admitted, and their features fed to the pieces with the text embeddings.
 
-Prefilling in pieces of `prefill_chunk` tokens keeps peak memory linear in the prompt: each piece's
-attention mask is [piece, cached + piece], never [prompt, prompt], and only the last token of the
-last piece is projected to the vocabulary. Images are encoded once, for the whole prompt, and their
-features are fed to the pieces with the text embeddings.
-
-Each step is one `Llama4.forward` call on the new tokens' embeddings; the speed comes from outside:
-`prepare_for_decoding` (herd.inference.fast) swaps in decode modules, and `compile=True`
-(herd.inference.compiled) runs the step as one compiled graph. The cache writes in place, and the
-engine's only host synchronisation per step is the check whether every row has stopped (the MoE
-reads its chosen experts' ids once per layer, which costs nothing on CPU).
+The speed comes from outside: `prepare_for_decoding` (herd.inference.fast) swaps in decode modules,
+and `compile=True` (herd.inference.compiled) runs the decode step as one compiled graph.
 """
 
 from __future__ import annotations
@@ -22,11 +19,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from ..model.attention import TokenLayout
-from ..model.llama4 import Llama4, token_layout
-from .cache import StaticKVCache
-from .compiled import check_compilable, compiled_step
-from .sampling import check_sampling, sample
+from ..model.llama4 import Llama4
+from .batching import Engine, Request, SamplingParams
+from .sampling import check_sampling
 
 DEFAULT_PREFILL_CHUNK = 1024
 
@@ -42,36 +37,6 @@ def pad_prompts(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Te
         ids[i, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
         mask[i, T - len(p):] = 1
     return ids, mask
-
-
-class Decoder:
-    """One forward call of `model` on embeddings against a cache: the prefill and decode steps share
-    it. (Generation starts from embeddings so that image features computed once can be fed to the
-    prompt's pieces.)"""
-
-    def __init__(self, model: Llama4):
-        self.model = model
-
-    def __call__(self, h: torch.Tensor, layout: TokenLayout, cache: StaticKVCache) -> torch.Tensor:
-        """h [B, T, D] -> logits of the last token [B, V] (fp32)."""
-        return self.model(inputs_embeds=h, layout=layout, cache=cache, logits_to_keep=1).logits[:, -1].float()
-
-
-def prefill(decoder: Decoder, input_ids: torch.Tensor, cache: StaticKVCache,
-            attention_mask: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
-            prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
-    """Feeds the prompt into `cache` in pieces. Returns the last token's logits [B, V] and each
-    row's last position [B, 1]."""
-    model = decoder.model
-    layout = token_layout(input_ids, attention_mask)
-    embeds = model.embed(input_ids, pixel_values) if pixel_values is not None else None
-    T = input_ids.shape[1]
-    for a in range(0, T, prefill_chunk):
-        b = min(a + prefill_chunk, T)
-        docs = None if layout.documents is None else layout.documents[:, a:b]
-        h = embeds[:, a:b] if embeds is not None else model.embed_tokens(input_ids[:, a:b])
-        logits = decoder(h, TokenLayout(layout.positions[:, a:b], docs), cache)
-    return logits, layout.positions[:, -1:]
 
 
 def _stop_ids(model: Llama4, stop_token_ids: Sequence[int] | int | None) -> list[int]:
@@ -128,56 +93,57 @@ def generate_stream(model: Llama4, input_ids: torch.Tensor, max_new_tokens: int,
     temperature 0 is greedy; otherwise tokens are sampled after top-k and top-p filtering (defaults:
     Llama 4 instruct's 0.6 and 0.9). A row that produced a stop token (default: the config's eos) yields
     the pad id from then on; the stream ends when every row has stopped. `seed` makes sampling
-    reproducible. `compile=True` runs the decode steps as one compiled graph (herd.inference.compiled:
+    reproducible: row i samples with its own generator, seeded `seed + i`, so its tokens do not
+    depend on the other rows. `compile=True` runs the decode steps as one compiled graph (herd.inference.compiled:
     a prepared model, full precision or quantized; the first call compiles). Inputs are checked here, before the
     first token is asked for.
     """
     check_sampling(temperature, top_p, top_k)
     _check_inputs(model, input_ids, max_new_tokens, attention_mask, pixel_values, prefill_chunk)
-    if compile:
-        check_compilable(model)
-    return _stream(model, input_ids, max_new_tokens, temperature, top_p, top_k, _stop_ids(model, stop_token_ids),
-                   pixel_values, attention_mask, seed, prefill_chunk, compile)
+    stops = tuple(_stop_ids(model, stop_token_ids))
+    prompts = [row.tolist() for row in input_ids.cpu()] if attention_mask is None else \
+        [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
+    B = len(prompts)
+    # Every row prefills a piece in the same step; rows then decode together.
+    engine = Engine(model, max_batch=B, token_budget=B * (prefill_chunk + 1), compile=compile,
+                    prefill_chunk=prefill_chunk)
+    for i, (prompt, tiles) in enumerate(zip(prompts, _tiles_per_row(model, prompts, pixel_values))):
+        sampling = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  seed=None if seed is None else seed + i, stop_token_ids=stops)
+        engine.add(Request(str(i), prompt, sampling, tiles))
+    return _stream(engine, B, max_new_tokens, model.config.text.pad_token_id or 0, model.device)
 
 
-@torch.inference_mode()
-def _stream(model, input_ids, max_new_tokens, temperature, top_p, top_k, stops, pixel_values, attention_mask,
-            seed, prefill_chunk, compile) -> Iterator[torch.Tensor]:
-    if max_new_tokens == 0:
-        return
-    device = model.device
-    input_ids = input_ids.to(device)
-    attention_mask = attention_mask.to(device) if attention_mask is not None else None
-    B, T = input_ids.shape
-    generator = torch.Generator(device).manual_seed(seed) if seed is not None else None
-    pad = model.config.text.pad_token_id or 0
-    stops_t = torch.tensor(stops, dtype=torch.long, device=device)
+def _tiles_per_row(model: Llama4, prompts: list[list[int]], pixel_values: torch.Tensor | None) -> list:
+    """Splits the batch's image tiles (in order, for the <|patch|> tokens of every row) by row."""
+    if pixel_values is None:
+        return [None] * len(prompts)
+    if len(prompts) == 1:
+        return [pixel_values]
+    per_tile = model.config.vision.tokens_per_tile
+    patches = [p.count(model.config.image_token_index) for p in prompts]
+    if any(n % per_tile for n in patches) or sum(patches) != pixel_values.shape[0] * per_tile:
+        raise ValueError(f"image tokens and image features do not match: the rows hold {patches} <|patch|> tokens "
+                         f"but pixel_values give {pixel_values.shape[0]} tiles x {per_tile} per tile; build the "
+                         "prompts and the tiles with the same image processor")
+    tiles = pixel_values.split([n // per_tile for n in patches])
+    return [t if n else None for t, n in zip(tiles, patches)]
 
-    decoder = Decoder(model)
-    # The last sampled token is never fed back, hence the - 1. A compiled step is compiled per cache
-    # size: round it up to a power of two (at least 256), so that a conversation that keeps growing
-    # compiles a new graph only each time it doubles.
-    size = T + max_new_tokens - 1
-    if compile:
-        size = max(256, 1 << (size - 1).bit_length())
-    cache = StaticKVCache(model.config.text, B, size, dtype=model.dtype, device=device)
-    logits, pos = prefill(decoder, input_ids, cache, attention_mask, pixel_values, prefill_chunk)
-    finished = torch.zeros(B, dtype=torch.bool, device=device)
-    for step in range(max_new_tokens):
-        tokens = sample(logits, temperature, top_p, top_k, generator)
-        tokens = torch.where(finished, pad, tokens)
-        yield tokens
-        if len(stops):
-            finished |= torch.isin(tokens, stops_t)
-            if bool(finished.all()):  # the one host sync per step
-                return
-        if step == max_new_tokens - 1:
+
+def _stream(engine: Engine, B: int, max_new_tokens: int, pad: int, device) -> Iterator[torch.Tensor]:
+    """Steps the engine and yields [B] tokens once every row has its next one (rows reach their
+    first token at different steps when their prompts take several pieces)."""
+    tokens: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for t in range(max_new_tokens):
+        while not all(done[i] or len(tokens[i]) > t for i in range(B)):
+            for out in engine.step():
+                i = int(out.request_id)
+                tokens[i] += out.token_ids
+                done[i] = out.finished
+        if all(len(row) <= t for row in tokens):  # every row stopped before step t
             return
-        pos = pos + 1
-        if compile:
-            logits = compiled_step(model, cache, tokens, pos)
-        else:
-            logits = decoder(model.embed_tokens(tokens[:, None]), TokenLayout(pos), cache)
+        yield torch.tensor([row[t] if len(row) > t else pad for row in tokens], device=device)
 
 
 def generate(model: Llama4, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
