@@ -22,6 +22,8 @@ import torch
 
 from herd.config import ModelConfig
 from herd.data.corpora import stdlib_texts
+from herd.data.datasets import text_documents
+from herd.data.packing import PackedLoader
 from herd.model import Llama4
 from herd.presets import tiny
 from herd.tokenizer import train_tokenizer
@@ -31,7 +33,6 @@ from herd.train.evaluate import LMEvaluator, token_byte_lengths
 from herd.train.loop import train
 from herd.train.losses import causal_lm_loss
 from herd.train.metrics import read_metrics
-from herd.train.sources import TextWindows, TokenStream
 
 BATCH, SEQ = 8, 128
 
@@ -45,13 +46,14 @@ def model(tokenizer, width: int = 128, seed: int = 0) -> Llama4:
     return Llama4(ModelConfig(text=text, vision=None))
 
 
-def run(name, m, steps, loss_fn, stream, evaluator, lr) -> dict:
+def run(name, m, steps, loss_fn, docs, evaluator, lr) -> dict:
     cfg = TrainConfig(steps=steps, batch_size=BATCH, seq_len=SEQ, lr=lr, warmup_steps=min(30, steps // 5),
                       log_every=10, eval_every=10**6, ckpt_every=10**6, progress=False)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         # seed 0 for every run: the same batches in the same order
-        result = train(m, cfg, TextWindows(stream, BATCH, SEQ, seed=0), loss_fn, tmp, evaluate=evaluator)
+        data = PackedLoader(docs, seq_len=SEQ, batch_size=BATCH, pad_id=m.config.text.pad_token_id, seed=0)
+        result = train(m, cfg, data, loss_fn, tmp, evaluate=evaluator)
         last = max((r for r in read_metrics(Path(tmp) / "metrics.jsonl") if r["kind"] == "train"),
                    key=lambda r: r["step"])
     row = {"name": name, **result.eval, "minutes": (time.perf_counter() - start) / 60,
@@ -77,24 +79,24 @@ def main():
     texts = [d.text for d in stdlib_texts("train", max_bytes=args.train_bytes)]
     held_out = [d.text for d in stdlib_texts("validation", max_bytes=400_000)]
     tokenizer = train_tokenizer(texts[: len(texts) // 2], num_bpe_ranks=1024)
-    encode = lambda ts: [tokenizer.encode(t, bos=True) for t in ts]  # noqa: E731
-    stream = TokenStream(encode(texts), tokenizer.end_of_text_id)
-    val = TextWindows(TokenStream(encode(held_out), tokenizer.end_of_text_id), BATCH, SEQ, seed=1)
-    evaluator = LMEvaluator([val.batch(k) for k in range(16)], token_byte_lengths(tokenizer))
-    print(f"{len(stream):,} training tokens; student {BATCH * SEQ * args.steps:,} tokens, teacher "
+    docs = text_documents(texts, tokenizer)
+    val = PackedLoader(text_documents(held_out, tokenizer), seq_len=SEQ, batch_size=BATCH, pad_id=tokenizer.pad_id,
+                       seed=1)
+    evaluator = LMEvaluator([next(val) for _ in range(16)], token_byte_lengths(tokenizer))
+    print(f"{sum(map(len, docs)):,} training tokens; student {BATCH * SEQ * args.steps:,} tokens, teacher "
           f"{BATCH * SEQ * args.teacher_steps:,}", flush=True)
 
     teacher = model(tokenizer, args.width, seed=1)
     rows = [run(f"teacher (width {args.width}, {args.teacher_steps} steps)", teacher, args.teacher_steps,
-                causal_lm_loss, stream, evaluator, args.lr)]
-    rows.append(run("student from scratch", model(tokenizer), args.steps, causal_lm_loss, stream, evaluator, args.lr))
+                causal_lm_loss, docs, evaluator, args.lr)]
+    rows.append(run("student from scratch", model(tokenizer), args.steps, causal_lm_loss, docs, evaluator, args.lr))
     fixed = DistillationLoss(teacher, temperature=args.temperature, weighting="fixed", alpha=args.alpha)
-    rows.append(run(f"student distilled, fixed weight {args.alpha}", model(tokenizer), args.steps, fixed, stream,
+    rows.append(run(f"student distilled, fixed weight {args.alpha}", model(tokenizer), args.steps, fixed, docs,
                     evaluator, args.lr))
     start, end = (float(x) for x in args.dynamic.split(","))
     dynamic = DistillationLoss(teacher, temperature=args.temperature, weighting="dynamic", alpha=start, alpha_end=end)
     rows.append(run(f"student distilled, dynamic weight ({dynamic.alpha} -> {dynamic.alpha_end}) x confidence",
-                    model(tokenizer), args.steps, dynamic, stream, evaluator, args.lr))
+                    model(tokenizer), args.steps, dynamic, docs, evaluator, args.lr))
 
     params = lambda m: sum(p.numel() for p in m.parameters()) / 1e6  # noqa: E731
     print(f"\nteacher {params(teacher):.2f}M parameters, student {params(model(tokenizer)):.2f}M; "

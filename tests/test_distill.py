@@ -17,7 +17,7 @@ from tests.test_train import cfg, small_model, token_data
 
 
 def batch():
-    return token_data(batch=2).batch(0)
+    return next(token_data(batch=2))
 
 
 def test_zero_soft_weight_is_plain_cross_entropy():
@@ -81,7 +81,8 @@ def test_gradient_reaches_only_the_student():
     causal_lm_loss(teacher, b).loss_sum.backward()
     for n, p in teacher.named_parameters():
         if p.grad is not None:
-            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-7)
+            # float tolerance: causal_lm_loss takes the chunked head loss, the distillation whole logits
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-5)
 
 
 def test_teacher_with_another_vocabulary_is_refused(tmp_path):

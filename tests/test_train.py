@@ -250,8 +250,9 @@ def test_metrics_are_summed_over_micro_batches_before_dividing(tmp_path):
     train(small_model(), cfg(steps=3, grad_accum=3), token_data(), labelled_loss, tmp_path)
     records = {r["step"]: r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())}
     data = token_data()
+    batches = [next(data) for _ in range(9)]
     for step in range(1, 4):
-        labels = torch.cat([data.batch(3 * (step - 1) + micro).labels.flatten() for micro in range(3)])
+        labels = torch.cat([batches[3 * (step - 1) + micro].labels.flatten() for micro in range(3)])
         labels = labels[labels != -100]
         assert records[step]["targets"] == pytest.approx(len(labels) / 3)
         assert records[step]["mean_target"] == pytest.approx(labels.double().mean().item(), rel=1e-9)
@@ -295,7 +296,8 @@ class CountingHook:
         self.data, self.seen = data, []
 
     def __call__(self, context):
-        self.seen.append((context.step, self.data.step))
+        taken = self.data.epoch * self.data.batches_per_epoch() + self.data.batch  # batches drawn so far
+        self.seen.append((context.step, taken))
 
     def state_dict(self):
         return {"seen": list(self.seen)}
@@ -347,7 +349,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_keys(tmp_path):
     model, recomputed = small_model(), small_model()
     assert checkpoint_activations(recomputed) == 2
     assert list(recomputed.state_dict()) == list(model.state_dict())  # names unchanged
-    batch = token_data().batch(0)
+    batch = next(token_data())
     calls = {id(model): 0, id(recomputed): 0}
     for m in (model, recomputed):
         m.layers[0].self_attn.register_forward_hook(lambda *_, key=id(m): calls.__setitem__(key, calls[key] + 1))
