@@ -63,7 +63,7 @@ class TrainConfig:
     sync_inference_every: int = 0  # steps between refreshes of the loop's decode-ready copy; 0 = no copy
     # codistillation (herd/train/distill.py): soft targets from a teacher, mixed with the hard ones
     teacher: str = ""  # an HF-layout herd checkpoint with the student's tokenizer; empty = no teacher
-    distill_weighting: DistillWeighting = "dynamic"  # fixed alpha, or schedule x teacher confidence
+    distill_weighting: DistillWeighting = "fixed"  # fixed alpha (best at tiny scale), or schedule x confidence
     distill_alpha: float = 0.9  # soft-target weight (fixed), or its value at the first step (dynamic)
     distill_alpha_end: float = 0.3  # dynamic: the scheduled weight at the last step
     distill_temperature: float = 1.0

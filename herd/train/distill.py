@@ -42,7 +42,7 @@ from .losses import IGNORE, Batch, LossOutput
 class DistillationLoss(nn.Module):
     """`loss_fn(student, batch)` for the training loop: soft and hard targets mixed per token."""
 
-    def __init__(self, teacher: nn.Module, *, temperature: float = 1.0, weighting: str = "dynamic",
+    def __init__(self, teacher: nn.Module, *, temperature: float = 1.0, weighting: str = "fixed",
                  alpha: float = 0.9, alpha_end: float = 0.3, train_teacher: bool = False):
         super().__init__()
         if weighting not in ("fixed", "dynamic"):
