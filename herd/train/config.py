@@ -86,7 +86,8 @@ class TrainConfig:
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.sync_inference_every < 0:
-            raise ValueError(f"sync_inference_every must be >= 0 (0 = no inference copy), got {self.sync_inference_every}")
+            raise ValueError(f"sync_inference_every must be >= 0 (0 = no inference copy), "
+                             f"got {self.sync_inference_every}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         _check_choice("schedule", self.schedule, Schedule)
