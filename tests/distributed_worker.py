@@ -31,7 +31,8 @@ def main():
     model = parallelize(small_model(), ctx.mesh, param_dtype=torch.bfloat16 if sys.argv[4:] == ["bf16"] else None)
     loss = labelled_loss
     if sys.argv[4:] == ["distill"]:
-        loss = DistillationLoss(parallelize(distill_teacher(), ctx.mesh), alpha=0.9, alpha_end=0.1)
+        loss = DistillationLoss(parallelize(distill_teacher(), ctx.mesh), weighting="dynamic", alpha=0.9,
+                                alpha_end=0.1)
     data = token_data(batch=BATCH)
     data.rank, data.world_size = ctx.rank, ctx.world_size
     source = KillAt(data, kill_at) if kill_at >= 0 else data

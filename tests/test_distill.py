@@ -56,7 +56,7 @@ def test_soft_target_is_the_temperature_scaled_kl(tau):
     assert fixed.metrics["soft_loss"][0].item() == pytest.approx(tau**2 * kl.sum().item(), rel=1e-4)
 
     # dynamic: the schedule at 3/4 of training times the teacher's confidence, per token
-    dynamic = DistillationLoss(teacher, temperature=tau, alpha=0.9, alpha_end=0.1)
+    dynamic = DistillationLoss(teacher, temperature=tau, weighting="dynamic", alpha=0.9, alpha_end=0.1)
     dynamic.on_step(StepContext(step=6, steps=9, model=student, frozen={}, inference=None))
     p = torch.softmax(t.double(), -1)
     confidence = 1 - (-(p * p.log()).sum(-1)) / math.log(t.shape[-1])
@@ -103,7 +103,7 @@ def records(run_dir):
 def test_distillation_through_the_loop(tmp_path):
     teacher = small_model(seed=1, hidden_size=48)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    c = cfg(steps=4, distill_alpha=0.9, distill_alpha_end=0.1)
+    c = cfg(steps=4, distill_weighting="dynamic", distill_alpha=0.9, distill_alpha_end=0.1)
     train(small_model(), c, token_data(), DistillationLoss.from_config(teacher, c), tmp_path / "frozen")
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     logged = records(tmp_path / "frozen")

@@ -86,7 +86,7 @@ def assert_same_metrics(single_dir: Path, dist_dir: Path, names: list[str]):
 
 def test_two_processes_distil_from_a_sharded_frozen_teacher_as_one_does(tmp_path):
     steps = 4
-    loss = DistillationLoss(distill_teacher(), alpha=0.9, alpha_end=0.1)
+    loss = DistillationLoss(distill_teacher(), weighting="dynamic", alpha=0.9, alpha_end=0.1)
     train(small_model(), cfg(steps=steps, bias_rate=0.05), token_data(batch=4), loss, tmp_path / "single")
     torchrun(tmp_path / "dist", steps, -1, "distill")
     assert_same_metrics(tmp_path / "single", tmp_path / "dist",

@@ -63,7 +63,7 @@ class TrainConfig:
     sync_inference_every: int = 0  # steps between refreshes of the loop's decode-ready copy; 0 = no copy
     # codistillation (herd/train/distill.py): soft targets from a teacher, mixed with the hard ones
     teacher: str = ""  # an HF-layout herd checkpoint with the student's tokenizer; empty = no teacher
-    distill_weighting: DistillWeighting = "dynamic"  # fixed alpha, or schedule x teacher confidence
+    distill_weighting: DistillWeighting = "fixed"  # fixed alpha (best at tiny scale), or schedule x confidence
     distill_alpha: float = 0.9  # soft-target weight (fixed), or its value at the first step (dynamic)
     distill_alpha_end: float = 0.3  # dynamic: the scheduled weight at the last step
     distill_temperature: float = 1.0
@@ -86,7 +86,8 @@ class TrainConfig:
         if not 0 < self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.sync_inference_every < 0:
-            raise ValueError(f"sync_inference_every must be >= 0 (0 = no inference copy), got {self.sync_inference_every}")
+            raise ValueError(f"sync_inference_every must be >= 0 (0 = no inference copy), "
+                             f"got {self.sync_inference_every}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         _check_choice("schedule", self.schedule, Schedule)

@@ -17,6 +17,9 @@ The tau^2 keeps the soft term's gradient on the scale of the hard one's whatever
   distribution is uniform: where the teacher does not know, its soft target is mostly noise and the
   label counts more.
 The weights are functions of the teacher and the step only, so no gradient flows through them.
+`fixed` is the default: in experiments/codistill.py (docs/training.md) a fixed 0.9 beat both
+dynamic schedules at tiny scale, where the teacher is unsure and its broad distributions are the
+very tokens the confidence factor takes the soft target away from.
 
 The teacher is either frozen (`DistillationLoss(teacher)`: listed in `frozen`, so the loop keeps it
 in eval mode without gradients and never optimises or saves it; under FSDP parallelise it as the
@@ -42,7 +45,7 @@ from .losses import IGNORE, Batch, LossOutput
 class DistillationLoss(nn.Module):
     """`loss_fn(student, batch)` for the training loop: soft and hard targets mixed per token."""
 
-    def __init__(self, teacher: nn.Module, *, temperature: float = 1.0, weighting: str = "dynamic",
+    def __init__(self, teacher: nn.Module, *, temperature: float = 1.0, weighting: str = "fixed",
                  alpha: float = 0.9, alpha_end: float = 0.3, train_teacher: bool = False):
         super().__init__()
         if weighting not in ("fixed", "dynamic"):
