@@ -55,7 +55,7 @@ def main():
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as path:
-        Llama4(benchmark_config()).save_pretrained(path)
+        herd.save_pretrained(Llama4(benchmark_config()), path)
         plain = herd.from_pretrained(path).eval()
         loaded = prepare_for_decoding(herd.from_pretrained(path).eval())  # what load_model_and_tokenizer does
     g = torch.Generator().manual_seed(0)

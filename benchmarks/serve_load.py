@@ -47,7 +47,7 @@ def build_model(directory: Path) -> Path:
     config = benchmark_config(vocab_size=tok.vocab_size, bos_token_id=tok.bos_id, eos_token_id=tok.eot_id,
                               pad_token_id=tok.pad_id)
     torch.manual_seed(0)
-    Llama4(config).save_pretrained(directory)
+    herd.save_pretrained(Llama4(config), directory)
     tok.save(directory)
     return directory
 

@@ -12,6 +12,8 @@ import urllib.request
 
 import pytest
 import torch
+
+import herd
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -43,7 +45,7 @@ def checkpoint(tmp_path_factory):
                          boi_token_index=tok.image_start_id, eoi_token_index=tok.image_end_id)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt")
-    Llama4(config).save_pretrained(path)
+    herd.save_pretrained(Llama4(config), path)
     tok.save(path)
     return path
 
