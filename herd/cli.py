@@ -18,6 +18,7 @@ COMMANDS = {
     "tokenizer": "herd.tokenizer",
     "generate": "herd.inference.generate_cmd",
     "chat": "herd.inference.chat_cmd",
+    "eval": "herd.eval.command",
 }
 
 

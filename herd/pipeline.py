@@ -103,7 +103,7 @@ def run(cfg: RunConfig, stages: tuple[str, ...] = STAGES) -> dict:
     """Runs (or resumes) the job in `cfg.out`; returns the summary that report.md is built from."""
     from .train.captions import CaptionRows, ContrastivePairs, Mixture, SceneSet, caption_accuracy, generate_captions
     from .train.checkpoint import check_writable, save_model
-    from .train.evaluate import LMEvaluator, nll_by_position, token_byte_lengths
+    from .eval import LMEvaluator, nll_by_position, token_byte_lengths
     from .train.loop import train
     from .train.losses import ContrastiveLoss, causal_lm_loss
     from .train.metap import metap_init_
