@@ -39,17 +39,21 @@ def test_registered_as_herd():
 
 def test_loglikelihood_is_the_continuations_log_probability(lm):
     tok, model = lm.tokenizer_, lm.model
-    pairs = [("def f(x):", " return x"), ("import ", "os"), ("", "class A:")]
+    pairs = [("def f(x):", " return x"), ("import ", "os"), ("", "class A:"),
+             ("def long_function_name(argument):\n    return", " argument")]  # longer than max_length (16)
     got = lm.loglikelihood(_requests("loglikelihood", pairs))
     for (context, continuation), (score, greedy) in zip(pairs, got):
+        spaces = len(context) - len(context.rstrip())  # lm-eval moves a context's trailing spaces
+        context, continuation = context[: len(context) - spaces], context[len(context) - spaces:] + continuation
         whole = tok.encode(context + continuation, bos=True)
         n = len(whole) - len(tok.encode(context, bos=True))  # the continuation's tokens
+        whole = whole[-(lm.max_length + 1):]  # the window the model sees, the last token only a target
         with torch.no_grad():
-            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0].float(), -1)
-        picked = [logp[i - 1, whole[i]] for i in range(len(whole) - n, len(whole))]
-        assert math.isclose(score, float(sum(picked)), abs_tol=1e-4)
-        argmax = [int(logp[i - 1].argmax()) == whole[i] for i in range(len(whole) - n, len(whole))]
-        assert greedy == all(argmax)
+            logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].float(), -1)
+        positions = range(len(whole) - n, len(whole))
+        assert math.isclose(score, sum(logp[i - 1, whole[i]].item() for i in positions), abs_tol=1e-4)
+        assert greedy == all(int(logp[i - 1].argmax()) == whole[i] for i in positions)
+    assert len(tok.encode(pairs[3][0] + pairs[3][1], bos=True)) > 17
 
 
 def test_loglikelihood_rolling_equals_herd_eval_perplexity(lm):

@@ -71,7 +71,8 @@ def load(cfg: EvalConfig) -> Loaded:
     if cfg.transformers:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32).to(cfg.device).eval()
+        model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="eager")
+        model = model.to(cfg.device).eval()
         tok = AutoTokenizer.from_pretrained(cfg.model)
         prefix = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
         if prefix is None:
@@ -123,28 +124,78 @@ def _long_documents(docs: list[list[int]], want: int, files: int) -> tuple[list[
     return longest, min(want, len(longest[-1]))
 
 
+def _perplexity(cfg: EvalConfig, loaded: Loaded, heldout: list[str], train_len: int) -> dict:
+    from ..data.corpora import read_user_texts
+    from .perplexity import score_texts
+
+    window = min(cfg.window or train_len, loaded.context)
+    rows = {"held-out stdlib code": _spread(heldout, cfg.text_bytes)}
+    if cfg.data:
+        rows[f"your data ({cfg.data})"] = [d.text for d in read_user_texts(cfg.data, on_error="skip")]
+    return {"window": window,
+            "rows": {name: score_texts(loaded.model, loaded.encode, texts, window).to_dict() for name, texts in rows.items()}}
+
+
+def _position(cfg: EvalConfig, loaded: Loaded, heldout: list[str], train_len: int, out: Path) -> dict:
+    from .plots import plot_nll_by_position
+    from .position import cumulative_average, fit_power_law, nll_by_position, segment_means
+
+    want = cfg.nll_len or min(loaded.context, max(4 * train_len, 2 * (loaded.chunk or 0)))
+    # the longest files by characters, cut to 16 characters a token: encoding every file is slow
+    longest = sorted(heldout, key=len, reverse=True)[: 2 * cfg.nll_files]
+    docs, length = _long_documents([loaded.encode(t[: 16 * want]) for t in longest], want, cfg.nll_files)
+    nll = nll_by_position(loaded.model, docs, length)
+    cumulative = cumulative_average(nll)
+    fit = fit_power_law(cumulative)
+    marks = {"training length": train_len, "RoPE chunk": loaded.chunk}
+    marks = {k: v for k, v in marks.items() if v and v < length}
+    name = Path(cfg.model).name
+    plot_nll_by_position({name: cumulative}, {name: fit}, marks, out / "nll_by_position.png")
+    bounds = [loaded.chunk or 0] + [int(train_len * f) for f in (0.5, 1, 2, 4, 8)]
+    return {"length": length, "files": len(docs), "nll": nll.tolist(), "cumulative": cumulative.tolist(), "fit": fit,
+            "segments": segment_means(nll, bounds), "marks": marks}
+
+
+def _needle(cfg: EvalConfig, loaded: Loaded, heldout: list[str], train_len: int, out: Path) -> dict:
+    from .needle import effective_length, filler_lines, run_needle
+    from .plots import plot_needle
+
+    lengths = cfg.needle_lengths or tuple(n for n in (train_len // 2, train_len, 2 * train_len, 4 * train_len)
+                                          if 32 <= n <= loaded.context - 8)
+    if not lengths:
+        raise ValueError(f"no default needle length fits training length {train_len} and context {loaded.context}; "
+                         "pass --needle-lengths")
+    lines = filler_lines(loaded.tokenizer, _spread(heldout, max(20_000, 32 * max(lengths))))
+    result = run_needle(loaded.model, loaded.tokenizer, lines, lengths, cfg.needle_depths, cfg.needle_trials,
+                        cfg.distractors)
+    result["effective_length"] = {"threshold": cfg.threshold, **{
+        score: effective_length(lengths, np.array(result[score]), cfg.threshold)
+        for score in ("exact_match", "likelihood_top1")}}
+    plot_needle(result, out / "needle.png", train_len)
+    return result
+
+
+def output_folder(cfg: EvalConfig) -> Path:
+    return Path(cfg.out) if cfg.out else Path(cfg.model).resolve().parent / "eval"
+
+
 def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
     """Runs the sections, writes results.json, the figures and report.md; returns the results.
     `tasks` (objects with `prompt` and `check`, see herd.eval.tasks) adds the tasks section."""
-    from ..data.corpora import read_user_texts, stdlib_texts
-    from . import plots
-    from .needle import effective_length, filler_lines, run_needle
-    from .perplexity import score_texts
-    from .position import cumulative_average, fit_power_law, nll_by_position, segment_means
+    from ..data.corpora import stdlib_texts
     from .report import write_report
 
     unknown = [s for s in cfg.sections if s not in SECTIONS]
     if unknown:
         raise ValueError(f"unknown section(s) {unknown}; sections are {', '.join(SECTIONS)}")
-    out = Path(cfg.out) if cfg.out else Path(cfg.model).resolve().parent / "eval"
+    out = output_folder(cfg)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load(cfg)
-    model = loaded.model
     train_len, train_len_source = training_length(cfg, loaded.context)
     heldout = [d.text for d in stdlib_texts("validation")]
     results: dict = {"model": str(cfg.model), "kind": loaded.kind, "train_len": train_len,
                      "train_len_source": train_len_source, "chunk_size": loaded.chunk, "context": loaded.context,
-                     "params": sum(p.numel() for p in model.parameters()), "device": cfg.device,
+                     "params": sum(p.numel() for p in loaded.model.parameters()), "device": cfg.device,
                      "config": dataclasses.asdict(cfg), "seconds": {}, "skipped": {}}
     # speed last: its decode-time module swaps change the model in place
     run = [s for s in ("perplexity", "position", "needle", "tasks", "speed")
@@ -154,51 +205,22 @@ def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
             results["skipped"][section] = "needs herd's tokenizer and inference engine (a transformers baseline)"
             continue
         start = time.perf_counter()
-        if section == "perplexity":
-            window = min(cfg.window or train_len, loaded.context)
-            rows = {"held-out stdlib code": _spread(heldout, cfg.text_bytes)}
-            if cfg.data:
-                rows[f"your data ({cfg.data})"] = [d.text for d in read_user_texts(cfg.data, on_error="skip")]
-            results["perplexity"] = {"window": window, "rows": {
-                name: score_texts(model, loaded.encode, texts, window).to_dict() for name, texts in rows.items()}}
-        elif section == "position":
-            want = cfg.nll_len or min(loaded.context, max(4 * train_len, 2 * (loaded.chunk or 0)))
-            longest_files = sorted(heldout, key=len, reverse=True)[: 4 * cfg.nll_files]  # by bytes: cheap to pick
-            docs, length = _long_documents([loaded.encode(t) for t in longest_files], want, cfg.nll_files)
-            with torch.no_grad():
-                nll = nll_by_position(model, docs, length)
-            cumulative = cumulative_average(nll)
-            marks = {"training length": train_len}
-            if loaded.chunk and loaded.chunk < length:
-                marks["RoPE chunk"] = loaded.chunk
-            results["position"] = {
-                "length": length, "files": len(docs), "nll": nll.tolist(), "cumulative": cumulative.tolist(),
-                "fit": fit_power_law(cumulative),
-                "segments": segment_means(nll, [loaded.chunk or 0, train_len // 2, train_len, 2 * train_len,
-                                                4 * train_len, 8 * train_len]),
-                "marks": marks}
-            plots.plot_nll_by_position({Path(cfg.model).name: cumulative}, {Path(cfg.model).name: results["position"]["fit"]},
-                                       {k: v for k, v in marks.items() if v < length}, out / "nll_by_position.png")
-        elif section == "needle":
-            lengths = cfg.needle_lengths or tuple(n for n in (train_len // 2, train_len, 2 * train_len, 4 * train_len)
-                                                  if 32 <= n <= loaded.context - 8)
-            needle = run_needle(model, loaded.tokenizer, filler_lines(loaded.tokenizer, _spread(heldout, 300_000)), lengths,
-                                cfg.needle_depths, cfg.needle_trials, cfg.distractors)
-            needle["effective_length"] = {
-                "threshold": cfg.threshold,
-                "exact_match": effective_length(lengths, np.array(needle["exact_match"]), cfg.threshold),
-                "likelihood_top1": effective_length(lengths, np.array(needle["likelihood_top1"]), cfg.threshold)}
-            results["needle"] = needle
-            plots.plot_needle(needle, out / "needle.png", train_len)
-        elif section == "speed":
-            from ..inference import prepare_for_decoding
-            from .speed import measure_speed
+        with torch.no_grad():
+            if section == "perplexity":
+                results[section] = _perplexity(cfg, loaded, heldout, train_len)
+            elif section == "position":
+                results[section] = _position(cfg, loaded, heldout, train_len, out)
+            elif section == "needle":
+                results[section] = _needle(cfg, loaded, heldout, train_len, out)
+            elif section == "tasks":
+                from .tasks import score_tasks
 
-            results["speed"] = measure_speed(prepare_for_decoding(model), cfg.speed_prompt, cfg.speed_new)
-        elif section == "tasks":
-            from .tasks import score_tasks
+                results[section] = score_tasks(loaded.model, loaded.tokenizer, tasks)
+            elif section == "speed":
+                from ..inference import prepare_for_decoding
+                from .speed import measure_speed
 
-            results["tasks"] = score_tasks(model, loaded.tokenizer, tasks)
+                results[section] = measure_speed(prepare_for_decoding(loaded.model), cfg.speed_prompt, cfg.speed_new)
         results["seconds"][section] = time.perf_counter() - start
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(out, results)
@@ -229,7 +251,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 def _eval_cmd(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     results = run_eval(cfg)
-    out = Path(cfg.out) if cfg.out else Path(cfg.model).resolve().parent / "eval"
+    out = output_folder(cfg)
     for name, row in results.get("perplexity", {}).get("rows", {}).items():
         print(f"{name}: {row['bpb']:.3f} bits/byte, perplexity {row['perplexity']:.2f}")
     if "position" in results:

@@ -43,6 +43,8 @@ class HerdLM(TemplateLM):
     def __init__(self, pretrained: str, tokenizer: str | None = None, device: str = "cpu", dtype: str | None = None,
                  batch_size: int | str = 1, max_length: int | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool = True, max_batch_size: int | None = None):
+        """`max_batch_size` comes with every lm-eval call; it bounds an automatic batch size, which
+        herd does not search for (batch_size must be a number), so it is unused."""
         super().__init__()
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
@@ -50,6 +52,10 @@ class HerdLM(TemplateLM):
             self.batch_size = int(batch_size)
         except ValueError:
             raise ValueError(f"batch_size must be a whole number for the herd model, got {batch_size!r}") from None
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's command line passes device="cuda" unless told otherwise (as its hf model does)
+            print(f"herd lm-eval model: device {device!r} asked for, but CUDA is not available; using the CPU")
+            device = "cpu"
         self.model = from_pretrained(pretrained, dtype=DTYPES.get(dtype), device=device).eval()
         self.tokenizer_ = Tokenizer.from_dir(tokenizer or pretrained)
         context = self.model.config.text.max_position_embeddings

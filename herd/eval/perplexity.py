@@ -57,19 +57,21 @@ class LMEvaluator:
 def token_nlls(model: nn.Module, ids: Sequence[int], window: int) -> torch.Tensor:
     """NLL (nats, float64) of each of ids[1:] given the tokens before it, [len(ids) - 1].
 
-    A document longer than `window` is cut into windows that overlap by one token, so every token
-    is predicted exactly once, with the context of its own window (at most window - 1 tokens)."""
+    The targets are taken `window - 1` at a time; each forward pass is the window of `window`
+    tokens that ends at its last target. So every token is predicted exactly once, consecutive
+    windows overlap by one token, and the last, shorter piece reaches back for a full window of
+    context (the rolling windows of lm-eval's loglikelihood_rolling, so the two agree)."""
     if window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
-    if len(ids) < 2:
-        return torch.zeros(0, dtype=torch.float64)
     device = next(model.parameters()).device
     out = []
-    for start in range(0, len(ids) - 1, window - 1):
-        piece = torch.tensor([list(ids[start:start + window])], device=device)  # [1, T]
-        logits = model(piece).logits[0, :-1].float()  # [T-1, V]
-        out.append(F.cross_entropy(logits, piece[0, 1:], reduction="none").double().cpu())
-    return torch.cat(out)
+    for first in range(1, len(ids), window - 1):  # targets ids[first:end]
+        end = min(first + window - 1, len(ids))
+        piece = torch.tensor([list(ids[max(0, end - window):end])], device=device)  # [1, T]
+        logits = model(piece).logits[0, :-1].float()  # [T-1, V]: predicts piece[1:]
+        nll = F.cross_entropy(logits, piece[0, 1:], reduction="none").double().cpu()
+        out.append(nll[-(end - first):])
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
 
 @dataclass

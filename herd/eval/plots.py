@@ -49,7 +49,8 @@ def plot_needle(result: dict, path: Path, train_len: int | None) -> None:
     panels = [("exact match (greedy)", result["exact_match"]),
               (f"likelihood top-1 of {result['distractors'] + 1} (chance {result['chance_top1']:.0%})",
                result["likelihood_top1"])]
-    fig, axes = plt.subplots(1, 2, figsize=(4.2 + 0.9 * len(lengths), 0.9 + 0.55 * len(depths)), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(4.6 + 1.0 * len(lengths), 1.2 + 0.55 * len(depths)), squeeze=False,
+                             constrained_layout=True)
     for ax, (title, grid) in zip(axes[0], panels):
         grid = np.asarray(grid)
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")

@@ -71,7 +71,10 @@ def fit_power_law(y: np.ndarray, t: np.ndarray | None = None) -> dict:
     c = math.exp((lo + hi) / 2)
     a, b, sse = _solve_ab(t, y, c)
     total = float(np.sum((y - y.mean()) ** 2))
-    return {"a": a, "b": b, "c": c, "r2": 1 - sse / total if total > 0 else 1.0,
+    # c at the edge of the search: the curve does not bend like a power law (at c -> 0, a + b t^-c
+    # is a line in ln t with a and b growing without bound)
+    at_bound = c < 1.1e-3 or c > 9.9
+    return {"a": a, "b": b, "c": c, "r2": 1 - sse / total if total > 0 else 1.0, "c_at_bound": at_bound,
             "form": "a + b * t^-c, least squares on the cumulative average NLL"}
 
 

@@ -26,7 +26,9 @@ def _position(r: dict, train_len: int, chunk: int | None) -> list[str]:
              "It should fall with position and flatten; a rise past the training length means the model is confused "
              "by context longer than it was trained on.", "",
              f"Power-law fit {fit['form']}: a = {fit['a']:.3f}, b = {fit['b']:.3f}, c = {fit['c']:.3f}, "
-             f"R² = {fit['r2']:.4f}.", "",
+             f"R² = {fit['r2']:.4f}." + (" c lies at the edge of the search: the curve does not bend like a power "
+                                         "law here, and the fit is in effect a line in ln t." if fit.get("c_at_bound") else ""),
+             "",
              "![NLL by position](nll_by_position.png)", "",
              "| positions | mean NLL (nats) |", "|---|---|"]
     lines += [f"| {s['from']}-{s['to']} | {s['mean_nll']:.3f} |" for s in r["segments"]]
