@@ -69,7 +69,11 @@ class Loaded:
 
 def load(cfg: EvalConfig) -> Loaded:
     if cfg.transformers:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:  # herd itself never needs transformers; a baseline does
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+        except ImportError:
+            raise ValueError("--transformers loads the baseline with the transformers package: "
+                             "pip install transformers") from None
 
         model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation="eager")
         model = model.to(cfg.device).eval()
