@@ -224,9 +224,9 @@ def test_score_tasks_counts_checked_samples(model, tokenizer):
              _Task([{"role": "user", "content": "hi"}], lambda c: seen.append(c) or len(seen) % 2 == 1, kind="chat")]
     r = score_tasks(model, tokenizer, tasks, samples=4, ks=(1, 2), max_new_tokens=3)
     assert r["toy"]["tasks"] == 2 and math.isclose(r["toy"]["pass@1"], 0.5) and math.isclose(r["toy"]["pass@2"], 0.5)
-    # the chat task passes 2 of its 4 samples (the first check of the examples is extra)
+    # the chat task's checker is called once per sample and passes 2 of the 4
     assert math.isclose(r["chat"]["pass@1"], 0.5) and math.isclose(r["chat"]["pass@2"], 1 - 1 / 6)
-    assert all(isinstance(c, str) for c in seen)
+    assert len(seen) == 4 and all(isinstance(c, str) for c in seen)
     with pytest.raises(ValueError, match="k <= samples"):
         score_tasks(model, tokenizer, tasks, samples=2, ks=(1, 4))
 

@@ -67,7 +67,8 @@ def score_tasks(model: Llama4, tokenizer: Tokenizer, tasks: Sequence[Task], samp
                        pixel_values=None if pixels is None else pixels.repeat(samples, 1, 1, 1),
                        stop_token_ids=list(tokenizer.stop_ids))
         completions = [tokenizer.decode(row[len(ids):].tolist(), skip_special=True) for row in out]
-        correct = sum(bool(task.check(c)) for c in completions)
+        passed = [bool(task.check(c)) for c in completions]
+        correct = sum(passed)
         kind = by_kind.setdefault(getattr(task, "kind", "tasks"), {"tasks": 0, "samples": samples, "examples": [],
                                                                    **{f"pass@{k}": 0.0 for k in ks}})
         kind["tasks"] += 1
@@ -75,7 +76,7 @@ def score_tasks(model: Llama4, tokenizer: Tokenizer, tasks: Sequence[Task], samp
             kind[f"pass@{k}"] += pass_at_k(samples, correct, k)
         if len(kind["examples"]) < 3:
             kind["examples"].append({"prompt": str(task.prompt)[:200], "completion": completions[0],
-                                     "correct": bool(task.check(completions[0]))})
+                                     "correct": passed[0]})
     for kind in by_kind.values():
         for k in ks:
             kind[f"pass@{k}"] /= kind["tasks"]
