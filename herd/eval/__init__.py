@@ -6,6 +6,7 @@
     speed        prefill and decode tokens per second
     tasks        pass@1 / pass@k of verifiable tasks (the tasks themselves live elsewhere)
     plots        the figures
+    report       report.md from the results
     command      `herd eval MODEL`: every section into report.md, results.json and PNGs
     lm_eval_model  a `herd` model type for lm-evaluation-harness (optional extra `eval`)
 """
