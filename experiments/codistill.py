@@ -29,7 +29,7 @@ from herd.presets import tiny
 from herd.tokenizer import train_tokenizer
 from herd.train.config import TrainConfig
 from herd.train.distill import DistillationLoss
-from herd.train.evaluate import LMEvaluator, token_byte_lengths
+from herd.eval import LMEvaluator, token_byte_lengths
 from herd.train.loop import train
 from herd.train.losses import causal_lm_loss
 from herd.train.metrics import read_metrics

@@ -19,6 +19,7 @@ COMMANDS = {
     "generate": "herd.inference.generate_cmd",
     "chat": "herd.inference.chat_cmd",
     "serve": "herd.serve.command",
+    "eval": "herd.eval.command",
 }
 
 

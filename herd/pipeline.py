@@ -108,7 +108,7 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     from .train.balance import LoadBalancer
     from .train.captions import caption_accuracy, generate_captions
     from .train.checkpoint import check_writable, save_model
-    from .train.evaluate import nll_by_position
+    from .eval import nll_by_position
     from .train.metap import metap_init_
     from .train.metrics import measure_matmul_peak
     from .train.recipes import RECIPES, Run, run_stage

@@ -38,7 +38,7 @@ from ..model import Llama4
 from ..tokenizer import Tokenizer
 from .captions import ContrastivePairs
 from .config import RunConfig, TrainConfig
-from .evaluate import LMEvaluator, token_byte_lengths
+from ..eval import LMEvaluator, token_byte_lengths
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
 
