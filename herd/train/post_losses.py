@@ -28,7 +28,7 @@ rollout batch pi_old is pi itself (detached): the ratio is 1, and the gradient i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,6 @@ from torch import nn
 
 from ..chat import RenderedChat
 from .losses import IGNORE, Batch, LossOutput
-
-
-@dataclass
-class PostLossOutput(LossOutput):
-    # name -> (sum, count): the loop adds both over micro-batches and ranks, then divides.
-    metrics: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,7 +129,7 @@ class DPOLoss:
             raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
         self.beta, self.nll_weight = beta, nll_weight
 
-    def __call__(self, model: nn.Module, prefs: PreferenceBatch) -> PostLossOutput:
+    def __call__(self, model: nn.Module, prefs: PreferenceBatch) -> LossOutput:
         out = _forward(model, prefs.batch)
         logp = token_logprobs(out.logits, prefs.batch.labels)  # [2P, T]
         P = logp.shape[0] // 2
@@ -153,7 +147,7 @@ class DPOLoss:
                    "reward_margin": (float(margins.sum()), P),
                    "reward_accuracy": (float((margins > 0).float().sum()), P),
                    "nll_chosen": (float(nll.detach()), P)}
-        return PostLossOutput(loss, P, out.router, metrics)
+        return LossOutput(loss, P, out.router, metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +220,7 @@ class GRPOLoss:
             raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
         self.eps_low, self.eps_high, self.kl_beta = eps_low, eps_high, kl_beta
 
-    def __call__(self, model: nn.Module, rl: RLBatch) -> PostLossOutput:
+    def __call__(self, model: nn.Module, rl: RLBatch) -> LossOutput:
         if self.kl_beta and rl.ref_logps is None:
             raise ValueError("kl_beta > 0 needs the reference's log-probabilities (RLBatch.ref_logps)")
         out = _forward(model, rl.batch)
@@ -242,4 +236,4 @@ class GRPOLoss:
             entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum()
         metrics = {"clip_fraction": (float(terms.clipped.sum()), n), "kl": (float(terms.kl.sum()), n),
                    "entropy": (float(entropy), n)}
-        return PostLossOutput(terms.losses.sum(), n, out.router, metrics)
+        return LossOutput(terms.losses.sum(), n, out.router, metrics)
