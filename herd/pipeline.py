@@ -198,7 +198,8 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     summary: dict = {"config": cfg.to_dict(), "stages": job.results, "params": model.num_parameters(),
                      "unigram_loss": unigram_loss(train_docs, val_docs, tokenizer.vocab_size),
                      "peak_flops": peak, "flops_per_token": job.flops_per_token,
-                     "train_tokens": sum(map(len, train_docs)), "estimated_seconds": job.estimates}
+                     "train_tokens": sum(map(len, train_docs)), "estimated_seconds": job.estimates,
+                     "task_accuracy": job.task_accuracy}
     with torch.no_grad():
         summary["final_code"] = job.code_eval(model)
         summary["final_code_with_selection_bias"] = with_bias

@@ -185,3 +185,32 @@ def sample_rollouts(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence
     return Rollouts(batch, assistant, group_size, list(problems), texts, torch.tensor(stopped),
                     torch.tensor([s.format for s in scores]), torch.tensor([s.answer for s in scores]),
                     torch.tensor([s.reward for s in scores]), tiles_per_row)
+
+
+@torch.no_grad()
+def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
+                  image_processor: "ImageProcessor | None" = None, batch_size: int = 32) -> dict[str, float]:
+    """Greedy answers to `problems`, scored by their tasks' checkers: {task: accuracy} plus
+    {task_format: share well-formed}, the held-out measure every post-training stage reports."""
+    stops = [tokenizer.eot_id, tokenizer.eom_id, tokenizer.end_of_text_id]
+    right: dict[str, list[float]] = {}
+    tidy: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        rendered = [render_chat(p.messages(), tokenizer, add_generation_prompt=True, image_processor=image_processor)
+                    for p in chunk]
+        tiles = [r.pixel_values for r in rendered if r.pixel_values is not None]
+        input_ids, attention = pad_prompts([r.ids for r in rendered], tokenizer.pad_id)
+        out = generate(model, input_ids, max_new_tokens, temperature=0.0, stop_token_ids=stops,
+                       pixel_values=torch.cat(tiles) if tiles else None, attention_mask=attention)
+        for p, ids in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
+            cut = next((k for k, t in enumerate(ids) if t in stops), None)
+            reply = parse_assistant(ids if cut is None else ids[:cut + 1], tokenizer)
+            score = get_task(p.task).check(p, reply.content, stopped=cut is not None)
+            right.setdefault(p.task, []).append(score.answer)
+            tidy.setdefault(p.task, []).append(score.format)
+    model.train(was_training)
+    return {**{t: sum(v) / len(v) for t, v in right.items()},
+            **{f"{t}_format": sum(v) / len(v) for t, v in tidy.items()}}
