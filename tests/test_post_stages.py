@@ -4,6 +4,8 @@ import dataclasses
 import json
 import math
 
+import pytest
+
 from herd.pipeline import run
 from herd.train.config import smoke
 
@@ -36,3 +38,32 @@ def test_sft_tags_drops_trains_and_reports_accuracy(tmp_path, capsys):
     assert len(trains) == cfg.sft_steps and all(math.isfinite(r["loss"]) for r in trains)
     assert set(summary["task_accuracy"]) == {"pretrained", "sft"}
     assert set(summary["task_accuracy"]["pretrained"]) == set(summary["task_accuracy"]["sft"]) >= set(tasks)
+
+
+def test_dpo_starts_at_log_2_against_its_frozen_reference(tmp_path, capsys):
+    cfg = smoke_cfg(tmp_path, answer_tokens=8, post_eval_problems=2)
+    summary = run(cfg, stages=("text", "dpo"))
+    assert "[dpo]" in capsys.readouterr().out and summary["stages"]["dpo"]["pairs"] > 0
+    trains = records(tmp_path, "dpo", "train")
+    assert len(trains) == cfg.dpo_steps
+    first = trains[0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)  # the policy is its reference at step 0
+    assert first["reward_margin"] == pytest.approx(0, abs=1e-5)
+    for key in ("reward_chosen", "reward_rejected", "reward_accuracy", "dpo_loss"):
+        assert all(key in r for r in trains)
+    assert any(r["loss"] != first["loss"] for r in trains[1:])  # the policy moved away from the reference
+    # the reference is read, never saved: the checkpoint holds exactly the policy's weights
+    ckpt = sorted((tmp_path / "checkpoints" / "dpo").iterdir())[-1]
+    assert tensor_names(ckpt) == tensor_names(tmp_path / "model")
+    assert set(summary["task_accuracy"]) == {"pretrained", "dpo"}
+
+
+def tensor_names(folder):
+    from safetensors import safe_open
+
+    names = set()
+    for f in folder.rglob("*.safetensors"):
+        with safe_open(f, "pt") as st:
+            names |= set(st.keys())
+    assert names, f"no safetensors under {folder}"
+    return names

@@ -106,7 +106,11 @@ class PreferenceBatch:
     """P pairs as one batch of 2P rows, the P chosen rows first: one forward for both sides."""
 
     batch: Batch  # [2P, T] with labels on the answer tokens only
-    ref_logps: torch.Tensor  # [2P] the frozen reference's `sequence_logprobs` of the same rows
+    ref_logps: torch.Tensor | None = None  # [2P] the reference's `sequence_logprobs`; None: DPOLoss's reference
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.batch.input_ids
 
     @classmethod
     def build(cls, pairs: Sequence[tuple[RenderedChat, RenderedChat]], reference: nn.Module, pad_id: int
@@ -116,13 +120,16 @@ class PreferenceBatch:
         return cls(batch, sequence_logprobs(reference, batch))
 
     def to(self, device) -> "PreferenceBatch":
-        return PreferenceBatch(self.batch.to(device), self.ref_logps.to(device))
+        return PreferenceBatch(self.batch.to(device), None if self.ref_logps is None else self.ref_logps.to(device))
 
 
 class DPOLoss:
-    """`loss_fn(model, PreferenceBatch)`: summed DPO loss over the pairs, count = pairs."""
+    """`loss_fn(model, PreferenceBatch)`: summed DPO loss over the pairs, count = pairs. With a
+    `reference` model, batches without `ref_logps` get them from it; it sits in `frozen`, so the
+    training loop keeps it in eval mode, never optimises it and never checkpoints it."""
 
-    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0):
+    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0, reference: nn.Module | None = None):
+        self.frozen = {} if reference is None else {"reference": reference}
         if beta <= 0:
             raise ValueError(f"beta must be positive (it scales the implicit reward), got {beta}")
         if nll_weight < 0:
@@ -130,11 +137,16 @@ class DPOLoss:
         self.beta, self.nll_weight = beta, nll_weight
 
     def __call__(self, model: nn.Module, prefs: PreferenceBatch) -> LossOutput:
+        ref_logps = prefs.ref_logps
+        if ref_logps is None:
+            if "reference" not in self.frozen:
+                raise ValueError("this PreferenceBatch has no ref_logps: build DPOLoss(reference=frozen_model)")
+            ref_logps = sequence_logprobs(self.frozen["reference"], prefs.batch)
         out = _forward(model, prefs.batch)
         logp = token_logprobs(out.logits, prefs.batch.labels)  # [2P, T]
         P = logp.shape[0] // 2
         seq = logp.sum(1)
-        terms = dpo_terms(seq[:P], seq[P:], prefs.ref_logps[:P], prefs.ref_logps[P:], self.beta)
+        terms = dpo_terms(seq[:P], seq[P:], ref_logps[:P], ref_logps[P:], self.beta)
         loss = terms.losses.sum()
         chosen_tokens = (prefs.batch.labels[:P] != IGNORE).sum(1).clamp(min=1)
         nll = (-seq[:P] / chosen_tokens).sum()  # per-token NLL of each chosen answer, summed over pairs

@@ -19,6 +19,7 @@ conversations, say) is one more function here or in your own code, passed to
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -45,8 +46,8 @@ from .difficulty import drop_easy, loss_difficulty, pass_rates
 from .evaluate import LMEvaluator, token_byte_lengths
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
-from .post_losses import answer_rows
-from .rollouts import task_accuracy
+from .post_losses import DPOLoss, PreferenceBatch, answer_rows
+from .rollouts import dpo_pairs, preference_rows, sample_rollouts, task_accuracy
 
 TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
 # The MFU herd's text stage reaches on 2-core CPUs (33-41% measured on AVX2 and AVX-512 machines,
@@ -288,8 +289,58 @@ def sft(run: Run) -> Stage | None:
                  images=any(d.pixel_values is not None for d in docs))
 
 
+class PairBatches:
+    """Fixed preference batches in a cycle; the position is the data's checkpoint state."""
+
+    def __init__(self, batches: list[PreferenceBatch]):
+        self.batches, self.index = batches, 0
+
+    def __next__(self) -> PreferenceBatch:
+        batch = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]
+
+
+def dpo(run: Run) -> Stage | None:
+    """Lightweight DPO on pairs from the policy's own answers graded by the checkers (chosen: right
+    and well-formed; rejected: wrong, ill-formed or cut off), against a frozen copy of the policy as
+    it starts (a frozen model of the loop: not optimised, not checkpointed)."""
+    cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
+    if not cfg.dpo_steps:
+        return None
+    run.pretrained_accuracy()
+    was_training = model.training
+    model.eval()
+    rollouts = sample_rollouts(model, tok, run.train_problems(cfg.dpo_problems, seed_offset=1),
+                               group_size=cfg.dpo_samples, max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1,
+                               image_processor=run.post_processor)
+    model.train(was_training)
+    pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
+    pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
+    if not pairs:
+        raise ValueError("dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
+    if run.rank == 0:
+        print(f"[dpo] {len(pairs)} preference pairs, {own:.0%} with the policy's own right answer as chosen")
+    batches = [preference_rows(pairs[i:i + cfg.dpo_pairs], tok.pad_id) for i in range(0, len(pairs), cfg.dpo_pairs)]
+    reference = copy.deepcopy(model)
+    loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=reference)
+
+    def evaluate(model):
+        run.task_accuracy["dpo"] = run.task_eval(model)
+        return {**run.task_accuracy["dpo"], "pairs": len(pairs), "own_chosen": own}
+
+    return Stage("dpo", run.stage_config(cfg.dpo_steps, cfg.dpo_lr, balance="none"),
+                 PairBatches(batches), loss, ("",), evaluate)
+
+
 RECIPES: dict[str, Callable[[Run], Stage | None]] = {
-    "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft}
+    "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft, "dpo": dpo}
 
 
 # ------------------------------------------------------------------------------------------------
