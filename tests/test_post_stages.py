@@ -67,3 +67,21 @@ def tensor_names(folder):
             names |= set(st.keys())
     assert names, f"no safetensors under {folder}"
     return names
+
+
+def test_herd_train_post_trains_keeps_the_base_and_reports_accuracy_per_stage(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    cfg = smoke_cfg(tmp_path, answer_tokens=8, post_eval_problems=2)
+    summary = run(cfg, stages=("text", "sft", "dpo"))
+    assert list(summary["task_accuracy"]) == ["pretrained", "sft", "dpo"]
+    base, final = (load_file(next((tmp_path / d).glob("*.safetensors"))) for d in ("base", "model"))
+    assert base.keys() == final.keys()
+    assert any(not torch.equal(base[k], final[k]) for k in base)  # model/ is post-trained, base/ is not
+    assert (tmp_path / "base" / "tokenizer.json").exists()
+    report = (tmp_path / "report.md").read_text()
+    assert "held-out accuracy per task" in report
+    for row in ("| pretrained |", "| sft |", "| dpo |"):
+        assert row in report
+    assert "SFT dropped" in report

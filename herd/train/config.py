@@ -17,7 +17,7 @@ from typing import Any, Literal, get_args, get_type_hints
 Schedule = Literal["cosine", "wsd", "constant"]
 Balance = Literal["bias", "aux", "none"]
 DistillWeighting = Literal["fixed", "dynamic"]
-Stage = Literal["contrastive", "text", "align", "joint"]
+Stage = Literal["contrastive", "text", "align", "joint", "sft", "dpo"]
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
@@ -200,8 +200,8 @@ def quick() -> RunConfig:
     return RunConfig(out="runs/quick", tokenizer_bytes=2_000_000, code_bytes=3_000_000,
                      contrastive_steps=20, align_steps=20, joint_steps=40,
                      images=400, heldout_images=24, samples=2, nll_files=4, nll_len=512,
-                     sft_steps=30, sft_problems=48, sft_code=48, post_eval_problems=16, answer_tokens=48,
-                     dpo_steps=6, dpo_problems=16,
+                     sft_steps=30, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
+                     answer_tokens=40, dpo_steps=6, dpo_problems=12,
                      train=TrainConfig(steps=150, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=15,
                                        eval_every=75, eval_batches=4, ckpt_every=75, bias_rate=1e-2))
 

@@ -9,6 +9,8 @@ training loop (herd.train.loop), which knows nothing of stages. `herd train` run
     text         language-model pretraining on code (the bulk of the compute)
     align        adapter alignment: vision tower + projector learn, the language model is frozen
     joint        early fusion on a mixture of code rows and captioned-image rows, all weights learn
+    sft          supervised fine-tuning on the hard part of task conversations and code instructions
+    dpo          DPO on pairs from the policy's own graded answers, against a frozen reference
 
 Every row-shaped stage reads `PackedLoader` (herd.data.packing): documents packed into rows, each
 label the next token of the same document where the document's target mask allows it (image
@@ -341,6 +343,7 @@ def dpo(run: Run) -> Stage | None:
 
 RECIPES: dict[str, Callable[[Run], Stage | None]] = {
     "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft, "dpo": dpo}
+POST_TRAINING = (sft, dpo)  # the stages after which `herd train` keeps the pretrained model as runs/<out>/base
 
 
 # ------------------------------------------------------------------------------------------------
