@@ -3,7 +3,7 @@
     tokenizer   train a byte-level BPE on the code corpus (or load one)
     data        tokenize code into documents (images are drawn when a stage first needs them)
     stages      a list of recipes (herd.train.recipes), each resumable, each reachable with
-                --stages=NAME: contrastive, text, align, joint, then post-training sft, dpo by default
+                --stages=NAME: contrastive, text, align, joint by default; then sft, dpo if named
     results     a Hugging Face checkpoint with the tokenizer (`model`: the final, post-trained model;
                 `base`: the pretrained one, kept before post-training), samples, NLL by position,
                 held-out captioning, task accuracy per stage, and report.md with plots

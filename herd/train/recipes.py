@@ -343,7 +343,7 @@ def dpo(run: Run) -> Stage | None:
 
 RECIPES: dict[str, Callable[[Run], Stage | None]] = {
     "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft, "dpo": dpo}
-POST_TRAINING = (sft, dpo)  # the stages after which `herd train` keeps the pretrained model as runs/<out>/base
+POST_TRAINING = (sft, dpo)  # before the first of these, `herd train` keeps the pretrained model as <out>/base
 
 
 # ------------------------------------------------------------------------------------------------
