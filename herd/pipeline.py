@@ -3,9 +3,10 @@
     tokenizer   train a byte-level BPE on the code corpus (or load one)
     data        tokenize code into documents (images are drawn when a stage first needs them)
     stages      a list of recipes (herd.train.recipes), each resumable, each reachable with
-                --stages=NAME: contrastive, text, align, joint by default
-    results     a Hugging Face checkpoint with the tokenizer, samples, NLL by position,
-                held-out captioning, and report.md with plots
+                --stages=NAME: contrastive, text, align, joint by default; then sft, dpo if named
+    results     a Hugging Face checkpoint with the tokenizer (`model`: the final, post-trained model;
+                `base`: the pretrained one, kept before post-training), samples, NLL by position,
+                held-out captioning, task accuracy per stage, and report.md with plots
 
 This file keeps only the order: what each stage trains on, with which loss, which weights and
 which evaluation, is its recipe; every stage goes through the one training loop. Re-running the
@@ -111,7 +112,7 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     from .eval import nll_by_position
     from .train.metap import metap_init_
     from .train.metrics import measure_matmul_peak
-    from .train.recipes import RECIPES, Run, run_stage
+    from .train.recipes import POST_TRAINING, RECIPES, Run, run_stage
 
     unknown = [s for s in stages if isinstance(s, str) and s not in RECIPES]
     if unknown:
@@ -166,11 +167,17 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
         job.rank, job.world_size = ctx.rank, ctx.world_size
         job.checkpointer = ShardedCheckpointer(out / "checkpoints" / "text", tc.keep_checkpoints)
 
-    # ---- stages
+    # ---- stages; the pretrained model is kept as `base` before the first post-training stage
+    base_saved = False
     for recipe in recipes:
         stage = recipe(job)
-        if stage is not None:
-            run_stage(job, stage)
+        if stage is None:
+            continue
+        if recipe in POST_TRAINING and not base_saved and main_rank:
+            save_plain(model, out / "base")
+            tokenizer.save(out / "base")
+            base_saved = True
+        run_stage(job, stage)
     timings |= job.timings
     t = time.perf_counter()
 
@@ -198,7 +205,8 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     summary: dict = {"config": cfg.to_dict(), "stages": job.results, "params": model.num_parameters(),
                      "unigram_loss": unigram_loss(train_docs, val_docs, tokenizer.vocab_size),
                      "peak_flops": peak, "flops_per_token": job.flops_per_token,
-                     "train_tokens": sum(map(len, train_docs)), "estimated_seconds": job.estimates}
+                     "train_tokens": sum(map(len, train_docs)), "estimated_seconds": job.estimates,
+                     "task_accuracy": job.task_accuracy}
     with torch.no_grad():
         summary["final_code"] = job.code_eval(model)
         summary["final_code_with_selection_bias"] = with_bias
@@ -222,6 +230,23 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     if ctx is not None:
         torch.distributed.destroy_process_group()
     return summary
+
+
+def save_plain(model: Llama4, path: Path) -> None:
+    """The model in HF layout without the training-time MoE selection bias (the reference forward),
+    leaving the training model's biases in place."""
+    from .model.moe import MoE
+    from .train.checkpoint import save_model
+
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    biases = [m.selection_bias for m in moes]
+    for m in moes:
+        m.selection_bias = None
+    try:
+        save_model(model, path)
+    finally:
+        for m, b in zip(moes, biases):
+            m.selection_bias = b
 
 
 def _code_prompts(texts: list[str], n: int) -> list[str]:

@@ -134,6 +134,22 @@ def write_report(out: str | Path, summary: dict) -> Path:
         extras = ", ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float))
         lines.append(f"| stage `{stage}` (final) | {extras} |")
     lines += ["", "![losses](plots/loss.png)", ""]
+    accuracy = summary.get("task_accuracy", {})
+    if accuracy:
+        tasks = [t for t in accuracy["pretrained"] if not t.endswith("_format")]
+        lines += ["## Post-training: held-out accuracy per task", "",
+                  "Greedy answers to held-out problems, scored by the tasks' checkers (answer right; in "
+                  "brackets, the share of well-formed answers).", "",
+                  "| after | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+        for stage, acc in accuracy.items():
+            cells = [f"{acc[t]:.0%} ({acc[f'{t}_format']:.0%})" for t in tasks]
+            lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+        sft = summary["stages"].get("sft", {})
+        if "dropped_easy" in sft:
+            lines += ["", f"SFT dropped {sft['dropped_easy']:.0%} of its data as easy for the pretrained model "
+                      f"(task prompts {sft['dropped_easy_tasks']:.0%}, code instructions "
+                      f"{sft['dropped_easy_code']:.0%})."]
+        lines.append("")
     lines += ["## Throughput", "", "| stage | tokens/s (median) | MFU vs measured fp32 matmul peak | time |",
               "|---|---|---|---|"]
     for stage, seconds in summary["timings"].items():

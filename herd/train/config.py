@@ -17,7 +17,8 @@ from typing import Any, Literal, get_args, get_type_hints
 Schedule = Literal["cosine", "wsd", "constant"]
 Balance = Literal["bias", "aux", "none"]
 DistillWeighting = Literal["fixed", "dynamic"]
-Stage = Literal["contrastive", "text", "align", "joint"]
+Stage = Literal["contrastive", "text", "align", "joint"]  # the default order; post-training (sft, dpo) is
+# reached with --stages=contrastive,text,align,joint,sft,dpo until its learning rates keep the code loss
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
@@ -126,13 +127,54 @@ class RunConfig:
     nll_files: int = 16  # held-out code files for NLL by position
     nll_len: int = 1024
     train: TrainConfig = field(default_factory=TrainConfig)
+    # post-training (herd/train/recipes.py: sft, dpo); 0 steps skips a stage
+    post_tasks: str = "letters,arithmetic,scenes"  # verifiable tasks (scenes only with a vision tower)
+    post_eval_problems: int = 32  # held-out problems per task for the greedy accuracy
+    answer_tokens: int = 64  # most tokens a sampled or greedy answer may take
+    sft_steps: int = 150
+    sft_lr: float = 1e-3
+    sft_problems: int = 256  # train-pool problems per task, before the easy ones are dropped
+    sft_code: int = 256  # code instructions from the stdlib, before the easy ones are dropped
+    tag_samples: int = 4  # sampled answers per problem for its pass@k difficulty tag
+    tag_k: int = 1  # the k of pass@k
+    easy_pass_rate: float = 0.5  # pass@k at or above this: easy, dropped
+    easy_loss: float = 0.5  # code instructions whose answer loss (nats/token) is below this: easy, dropped
+    dpo_steps: int = 30
+    dpo_lr: float = 2e-5
+    dpo_beta: float = 0.1
+    dpo_nll_weight: float = 0.0
+    dpo_problems: int = 64  # train-pool problems per task the policy answers to make preference pairs
+    dpo_samples: int = 4  # sampled answers per problem
+    dpo_pairs: int = 4  # preference pairs per micro-batch
 
     def __post_init__(self):
-        for name in ("contrastive_steps", "align_steps", "joint_steps", "code_bytes"):
+        for name in ("contrastive_steps", "align_steps", "joint_steps", "code_bytes", "sft_steps", "sft_problems",
+                     "sft_code", "dpo_steps", "dpo_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.caption_fraction < 1:
             raise ValueError(f"caption_fraction must be in [0, 1), got {self.caption_fraction}")
+        for name in ("post_eval_problems", "answer_tokens", "tag_samples", "tag_k", "dpo_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.tag_k > self.tag_samples:
+            raise ValueError(f"tag_k ({self.tag_k}) cannot exceed tag_samples ({self.tag_samples}): pass@k needs "
+                             "at least k samples")
+        if self.dpo_samples < 2:
+            raise ValueError(f"dpo_samples must be at least 2 (a pair needs two answers), got {self.dpo_samples}")
+        if not 0 < self.easy_pass_rate <= 1:
+            raise ValueError(f"easy_pass_rate must be in (0, 1], got {self.easy_pass_rate}")
+        if not self.dpo_beta > 0:
+            raise ValueError(f"dpo_beta must be positive, got {self.dpo_beta}")
+        from ..tasks import TASKS
+
+        unknown = [t for t in self.post_task_names if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown post_tasks {unknown}; choose from {', '.join(TASKS)}")
+
+    @property
+    def post_task_names(self) -> list[str]:
+        return [t.strip() for t in self.post_tasks.split(",") if t.strip()]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -160,6 +202,8 @@ def quick() -> RunConfig:
     return RunConfig(out="runs/quick", tokenizer_bytes=2_000_000, code_bytes=3_000_000,
                      contrastive_steps=20, align_steps=20, joint_steps=40,
                      images=400, heldout_images=24, samples=2, nll_files=4, nll_len=512,
+                     sft_steps=30, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
+                     answer_tokens=40, dpo_steps=6, dpo_problems=12,
                      train=TrainConfig(steps=150, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=15,
                                        eval_every=75, eval_batches=4, ckpt_every=75, bias_rate=1e-2))
 
@@ -169,6 +213,8 @@ def smoke() -> RunConfig:
     return RunConfig(out="runs/smoke", bpe_ranks=1024, tokenizer_bytes=300_000, code_bytes=400_000,
                      contrastive_steps=3, align_steps=3, joint_steps=4,
                      images=64, image_batch=8, heldout_images=8, samples=1, nll_files=2, nll_len=128,
+                     sft_steps=3, sft_problems=6, sft_code=6, tag_samples=2, post_eval_problems=4, answer_tokens=16,
+                     dpo_steps=3, dpo_problems=4, dpo_samples=2, dpo_pairs=2,
                      train=TrainConfig(steps=6, batch_size=4, seq_len=128, warmup_steps=2, eval_every=3,
                                        eval_batches=2, ckpt_every=3, log_every=1, progress=False))
 

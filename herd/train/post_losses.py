@@ -28,7 +28,7 @@ rollout batch pi_old is pi itself (detached): the ratio is 1, and the gradient i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,12 +36,6 @@ from torch import nn
 
 from ..chat import RenderedChat
 from .losses import IGNORE, Batch, LossOutput
-
-
-@dataclass
-class PostLossOutput(LossOutput):
-    # name -> (sum, count): the loop adds both over micro-batches and ranks, then divides.
-    metrics: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -112,7 +106,11 @@ class PreferenceBatch:
     """P pairs as one batch of 2P rows, the P chosen rows first: one forward for both sides."""
 
     batch: Batch  # [2P, T] with labels on the answer tokens only
-    ref_logps: torch.Tensor  # [2P] the frozen reference's `sequence_logprobs` of the same rows
+    ref_logps: torch.Tensor | None = None  # [2P] the reference's `sequence_logprobs`; None: DPOLoss's reference
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.batch.input_ids
 
     @classmethod
     def build(cls, pairs: Sequence[tuple[RenderedChat, RenderedChat]], reference: nn.Module, pad_id: int
@@ -122,25 +120,33 @@ class PreferenceBatch:
         return cls(batch, sequence_logprobs(reference, batch))
 
     def to(self, device) -> "PreferenceBatch":
-        return PreferenceBatch(self.batch.to(device), self.ref_logps.to(device))
+        return PreferenceBatch(self.batch.to(device), None if self.ref_logps is None else self.ref_logps.to(device))
 
 
 class DPOLoss:
-    """`loss_fn(model, PreferenceBatch)`: summed DPO loss over the pairs, count = pairs."""
+    """`loss_fn(model, PreferenceBatch)`: summed DPO loss over the pairs, count = pairs. With a
+    `reference` model, batches without `ref_logps` get them from it; it sits in `frozen`, so the
+    training loop keeps it in eval mode, never optimises it and never checkpoints it."""
 
-    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0):
+    def __init__(self, beta: float = 0.1, nll_weight: float = 0.0, reference: nn.Module | None = None):
+        self.frozen = {} if reference is None else {"reference": reference}
         if beta <= 0:
             raise ValueError(f"beta must be positive (it scales the implicit reward), got {beta}")
         if nll_weight < 0:
             raise ValueError(f"nll_weight must be >= 0, got {nll_weight}")
         self.beta, self.nll_weight = beta, nll_weight
 
-    def __call__(self, model: nn.Module, prefs: PreferenceBatch) -> PostLossOutput:
+    def __call__(self, model: nn.Module, prefs: PreferenceBatch) -> LossOutput:
+        ref_logps = prefs.ref_logps
+        if ref_logps is None:
+            if "reference" not in self.frozen:
+                raise ValueError("this PreferenceBatch has no ref_logps: build DPOLoss(reference=frozen_model)")
+            ref_logps = sequence_logprobs(self.frozen["reference"], prefs.batch)
         out = _forward(model, prefs.batch)
         logp = token_logprobs(out.logits, prefs.batch.labels)  # [2P, T]
         P = logp.shape[0] // 2
         seq = logp.sum(1)
-        terms = dpo_terms(seq[:P], seq[P:], prefs.ref_logps[:P], prefs.ref_logps[P:], self.beta)
+        terms = dpo_terms(seq[:P], seq[P:], ref_logps[:P], ref_logps[P:], self.beta)
         loss = terms.losses.sum()
         chosen_tokens = (prefs.batch.labels[:P] != IGNORE).sum(1).clamp(min=1)
         nll = (-seq[:P] / chosen_tokens).sum()  # per-token NLL of each chosen answer, summed over pairs
@@ -153,7 +159,7 @@ class DPOLoss:
                    "reward_margin": (float(margins.sum()), P),
                    "reward_accuracy": (float((margins > 0).float().sum()), P),
                    "nll_chosen": (float(nll.detach()), P)}
-        return PostLossOutput(loss, P, out.router, metrics)
+        return LossOutput(loss, P, out.router, metrics)
 
 
 # --------------------------------------------------------------------------------------------
@@ -226,7 +232,7 @@ class GRPOLoss:
             raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
         self.eps_low, self.eps_high, self.kl_beta = eps_low, eps_high, kl_beta
 
-    def __call__(self, model: nn.Module, rl: RLBatch) -> PostLossOutput:
+    def __call__(self, model: nn.Module, rl: RLBatch) -> LossOutput:
         if self.kl_beta and rl.ref_logps is None:
             raise ValueError("kl_beta > 0 needs the reference's log-probabilities (RLBatch.ref_logps)")
         out = _forward(model, rl.batch)
@@ -242,4 +248,4 @@ class GRPOLoss:
             entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum()
         metrics = {"clip_fraction": (float(terms.clipped.sum()), n), "kl": (float(terms.kl.sum()), n),
                    "entropy": (float(entropy), n)}
-        return PostLossOutput(terms.losses.sum(), n, out.router, metrics)
+        return LossOutput(terms.losses.sum(), n, out.router, metrics)

@@ -9,6 +9,8 @@ training loop (herd.train.loop), which knows nothing of stages. `herd train` run
     text         language-model pretraining on code (the bulk of the compute)
     align        adapter alignment: vision tower + projector learn, the language model is frozen
     joint        early fusion on a mixture of code rows and captioned-image rows, all weights learn
+    sft          supervised fine-tuning on the hard part of task conversations and code instructions
+    dpo          DPO on pairs from the policy's own graded answers, against a frozen reference
 
 Every row-shaped stage reads `PackedLoader` (herd.data.packing): documents packed into rows, each
 label the next token of the same document where the document's target mask allows it (image
@@ -19,6 +21,7 @@ conversations, say) is one more function here or in your own code, passed to
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from collections.abc import Callable
@@ -29,18 +32,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..chat import render_chat
+from ..data.chat_data import chat_documents, code_instructions, task_conversations
 from ..data.datasets import scene_documents
-from ..data.documents import Document
+from ..data.documents import Document, chat_document
 from ..data.images import ImageProcessor
 from ..data.packing import Batch, Mixture, PackedLoader
 from ..data.synthetic import make_scene
 from ..model import Llama4
+from ..tasks import Problem, Task, get_task
 from ..tokenizer import Tokenizer
 from .captions import ContrastivePairs
 from .config import RunConfig, TrainConfig
 from ..eval import LMEvaluator, token_byte_lengths
+from .difficulty import drop_easy, loss_difficulty, pass_rates
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
+from .post_losses import DPOLoss, PreferenceBatch, answer_rows
+from .rollouts import dpo_pairs, preference_rows, sample_rollouts, task_accuracy
 
 TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
 # The MFU herd's text stage reaches on 2-core CPUs (33-41% measured on AVX2 and AVX-512 machines,
@@ -78,6 +87,7 @@ class Run:
     timings: dict[str, float] = field(default_factory=dict)
     estimates: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
     trained_on_images: bool = False
+    task_accuracy: dict[str, dict] = field(default_factory=dict)  # "pretrained" / stage -> held-out accuracy
 
     @property
     def train_config(self) -> TrainConfig:
@@ -138,6 +148,35 @@ class Run:
         held = PackedLoader(self.heldout, seq_len=tc.seq_len, batch_size=tc.batch_size, pad_id=self.tokenizer.pad_id,
                             seed=tc.seed + 1, whole_documents=True)
         return LMEvaluator([held.batch_at(0, i) for i in range(min(2, held.batches_per_epoch()))])
+
+    # ---------------------------------------------------------------- verifiable tasks (post-training)
+    @cached_property
+    def post_tasks(self) -> list[Task]:
+        """The run's tasks; the scene questions only when the model has a vision tower."""
+        return [get_task(name) for name in self.cfg.post_task_names if name != "scenes" or self.vision is not None]
+
+    @property
+    def post_processor(self) -> ImageProcessor | None:
+        return self.image_processor if self.vision is not None else None
+
+    @cached_property
+    def task_heldout(self) -> list[Problem]:
+        return [p for task in self.post_tasks
+                for p in task.problems("test", self.cfg.post_eval_problems, seed=self.cfg.train.seed)]
+
+    def train_problems(self, count: int, seed_offset: int) -> list[Problem]:
+        return [p for task in self.post_tasks
+                for p in task.problems("train", count, seed=self.cfg.train.seed + seed_offset)]
+
+    def task_eval(self, model: nn.Module) -> dict:
+        """Greedy held-out accuracy per task (and the share of well-formed answers), by the checkers."""
+        return task_accuracy(model, self.tokenizer, self.task_heldout, max_new_tokens=self.cfg.answer_tokens,
+                             image_processor=self.post_processor)
+
+    def pretrained_accuracy(self) -> None:
+        """The base model's held-out accuracy, measured once, before the first post-training stage."""
+        if "pretrained" not in self.task_accuracy:
+            self.task_accuracy["pretrained"] = self.task_eval(self.model)
 
 
 HELDOUT_START = 10_000_000  # index of the first held-out scene
@@ -201,8 +240,110 @@ def joint(run: Run) -> Stage | None:
                  ("",), evaluate, decoder_rows=True, images=True)
 
 
+# ------------------------------------------------------------------------------------------------
+# Post-training (SPEC 6): lightweight SFT on what the model finds hard, then DPO
+# ------------------------------------------------------------------------------------------------
+
+def sft(run: Run) -> Stage | None:
+    """Supervised fine-tuning on the hard part of the task conversations and code instructions.
+
+    Difficulty is tagged with the model as it is now: pass@k of sampled answers on the verifiable
+    prompts, the answer's loss on the code instructions; what is easy is dropped (Llama 4 dropped
+    over half its SFT data this way). The rest are packed as documents whose only targets are the
+    assistant's tokens, through the one data path."""
+    cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
+    if not cfg.sft_steps:
+        return None
+    run.pretrained_accuracy()
+    was_training = model.training
+    model.eval()
+    problems = run.train_problems(cfg.sft_problems, seed_offset=0)
+    rates = pass_rates(model, tok, problems, n=cfg.tag_samples, k=cfg.tag_k, max_new_tokens=cfg.answer_tokens,
+                       seed=tc.seed, image_processor=run.post_processor)
+    hard_problems, _ = drop_easy(problems, rates, cfg.easy_pass_rate)
+    code = [render_chat(c.messages, tok) for c in code_instructions("train", max_items=cfg.sft_code)]
+    code = [r for r in code if len(r) <= tc.seq_len]
+    losses = [loss_difficulty(model, answer_rows(code[i:i + 16], tok.pad_id)) for i in range(0, len(code), 16)]
+    losses = torch.cat(losses).tolist() if losses else []
+    hard_code, _ = drop_easy(code, [-x for x in losses], -cfg.easy_loss)  # easy: a loss below easy_loss
+    model.train(was_training)
+
+    total = len(problems) + len(code)
+    dropped = {"dropped_easy": 1 - (len(hard_problems) + len(hard_code)) / max(total, 1),
+               "dropped_easy_tasks": 1 - len(hard_problems) / max(len(problems), 1),
+               "dropped_easy_code": 1 - len(hard_code) / max(len(code), 1)}
+    docs = chat_documents(task_conversations(hard_problems), tok, run.post_processor, max_tokens=tc.seq_len,
+                          on_error="skip")
+    docs += [chat_document(r, tok) for r in hard_code]
+    if not docs:
+        raise ValueError(f"sft: all {total} examples were tagged easy; raise --easy_pass_rate or lower --easy_loss")
+    if run.rank == 0:
+        print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(problems)} task prompts, "
+              f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} code instructions, "
+              f"{dropped['dropped_easy_code']:.0%} dropped); training on {len(docs)} conversations")
+
+    def evaluate(model):
+        run.task_accuracy["sft"] = run.task_eval(model)  # the last evaluation is the stage's result
+        return {**run.task_accuracy["sft"], **dropped}
+
+    return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr),
+                 run.loader(docs, tc.batch_size, tc.seed + 11, whole_documents=True), causal_lm_loss, ("",), evaluate,
+                 images=any(d.pixel_values is not None for d in docs))
+
+
+class PairBatches:
+    """Fixed preference batches in a cycle; the position is the data's checkpoint state."""
+
+    def __init__(self, batches: list[PreferenceBatch]):
+        self.batches, self.index = batches, 0
+
+    def __next__(self) -> PreferenceBatch:
+        batch = self.batches[self.index % len(self.batches)]
+        self.index += 1
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"index": self.index}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.index = state["index"]
+
+
+def dpo(run: Run) -> Stage | None:
+    """Lightweight DPO on pairs from the policy's own answers graded by the checkers (chosen: right
+    and well-formed; rejected: wrong, ill-formed or cut off), against a frozen copy of the policy as
+    it starts (a frozen model of the loop: not optimised, not checkpointed)."""
+    cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
+    if not cfg.dpo_steps:
+        return None
+    run.pretrained_accuracy()
+    was_training = model.training
+    model.eval()
+    rollouts = sample_rollouts(model, tok, run.train_problems(cfg.dpo_problems, seed_offset=1),
+                               group_size=cfg.dpo_samples, max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1,
+                               image_processor=run.post_processor)
+    model.train(was_training)
+    pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
+    pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
+    if not pairs:
+        raise ValueError("dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
+    if run.rank == 0:
+        print(f"[dpo] {len(pairs)} preference pairs, {own:.0%} with the policy's own right answer as chosen")
+    batches = [preference_rows(pairs[i:i + cfg.dpo_pairs], tok.pad_id) for i in range(0, len(pairs), cfg.dpo_pairs)]
+    reference = copy.deepcopy(model)
+    loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=reference)
+
+    def evaluate(model):
+        run.task_accuracy["dpo"] = run.task_eval(model)
+        return {**run.task_accuracy["dpo"], "pairs": len(pairs), "own_chosen": own}
+
+    return Stage("dpo", run.stage_config(cfg.dpo_steps, cfg.dpo_lr, balance="none"),
+                 PairBatches(batches), loss, ("",), evaluate)
+
+
 RECIPES: dict[str, Callable[[Run], Stage | None]] = {
-    "contrastive": contrastive, "text": text, "align": align, "joint": joint}
+    "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft, "dpo": dpo}
+POST_TRAINING = (sft, dpo)  # before the first of these, `herd train` keeps the pretrained model as <out>/base
 
 
 # ------------------------------------------------------------------------------------------------

@@ -185,3 +185,74 @@ def sample_rollouts(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence
     return Rollouts(batch, assistant, group_size, list(problems), texts, torch.tensor(stopped),
                     torch.tensor([s.format for s in scores]), torch.tensor([s.answer for s in scores]),
                     torch.tensor([s.reward for s in scores]), tiles_per_row)
+
+
+@torch.no_grad()
+def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
+                  image_processor: "ImageProcessor | None" = None, batch_size: int = 32) -> dict[str, float]:
+    """Greedy answers to `problems`, scored by their tasks' checkers: {task: accuracy} plus
+    {task_format: share well-formed}, the held-out measure every post-training stage reports."""
+    stops = [tokenizer.eot_id, tokenizer.eom_id, tokenizer.end_of_text_id]
+    right: dict[str, list[float]] = {}
+    tidy: dict[str, list[float]] = {}
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start:start + batch_size]
+        rendered = [render_chat(p.messages(), tokenizer, add_generation_prompt=True, image_processor=image_processor)
+                    for p in chunk]
+        tiles = [r.pixel_values for r in rendered if r.pixel_values is not None]
+        input_ids, attention = pad_prompts([r.ids for r in rendered], tokenizer.pad_id)
+        out = generate(model, input_ids, max_new_tokens, temperature=0.0, stop_token_ids=stops,
+                       pixel_values=torch.cat(tiles) if tiles else None, attention_mask=attention)
+        for p, ids in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
+            cut = next((k for k, t in enumerate(ids) if t in stops), None)
+            reply = parse_assistant(ids if cut is None else ids[:cut + 1], tokenizer)
+            score = get_task(p.task).check(p, reply.content, stopped=cut is not None)
+            right.setdefault(p.task, []).append(score.answer)
+            tidy.setdefault(p.task, []).append(score.format)
+    model.train(was_training)
+    return {**{t: sum(v) / len(v) for t, v in right.items()},
+            **{f"{t}_format": sum(v) / len(v) for t, v in tidy.items()}}
+
+
+def dpo_pairs(rollouts: Rollouts, tokenizer: "Tokenizer", image_processor: "ImageProcessor | None" = None
+              ) -> tuple[list[tuple], float]:
+    """Preference pairs from the policy's own graded samples, as (prompt ids, chosen ids, rejected ids,
+    image tiles or None). A group with a right, well-formed sample and a wrong or ill-formed one gives
+    those (`Rollouts.preference_pairs`); a group where no sample is right pairs the problem's worked
+    answer with its worst sample. Returns (pairs, share of pairs whose chosen answer is the policy's own)."""
+    lengths = rollouts.assistant_mask.sum(1).tolist()
+    own = {c // rollouts.group_size: (c, r) for c, r in rollouts.preference_pairs()}
+    first_tile = (torch.cumsum(rollouts.tiles_per_row, 0) - rollouts.tiles_per_row).tolist()
+    pairs, n_own = [], 0
+    for g, problem in enumerate(rollouts.problems):
+        rows = range(g * rollouts.group_size, (g + 1) * rollouts.group_size)
+        prompt = render_chat(problem.messages(), tokenizer, add_generation_prompt=True, image_processor=image_processor)
+        completion = lambda i: rollouts.batch.input_ids[i][rollouts.assistant_mask[i]].tolist()  # noqa: E731
+        if g in own:
+            chosen, rejected = own[g]
+            chosen_ids = completion(chosen)
+            n_own += 1
+        elif all(rollouts.answer_rewards[i] == 0 for i in rows):
+            full = render_chat(problem.messages(with_answer=True), tokenizer, image_processor=image_processor)
+            chosen_ids = full.ids[len(prompt.ids):]
+            rejected = min(rows, key=lambda i: (float(rollouts.rewards[i]), -lengths[i]))
+        else:
+            continue  # every sample right: nothing to prefer
+        tiles = None
+        if rollouts.batch.pixel_values is not None and rollouts.tiles_per_row[rejected] > 0:
+            start = first_tile[rejected]
+            tiles = rollouts.batch.pixel_values[start:start + int(rollouts.tiles_per_row[rejected])]
+        pairs.append((prompt.ids, chosen_ids, completion(rejected), tiles))
+    return pairs, n_own / max(len(pairs), 1)
+
+
+def preference_rows(pairs: Sequence[tuple], pad_id: int) -> PreferenceBatch:
+    """`dpo_pairs` output as one PreferenceBatch: the chosen rows, then the rejected rows."""
+    prompts = [p for p, _, _, _ in pairs] * 2
+    completions = [c for _, c, _, _ in pairs] + [r for _, _, r, _ in pairs]
+    batch, _ = completion_rows(prompts, completions, pad_id)
+    tiles = [t for _, _, _, t in pairs if t is not None] * 2
+    batch.pixel_values = torch.cat(tiles) if tiles else None
+    return PreferenceBatch(batch)
