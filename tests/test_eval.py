@@ -21,7 +21,7 @@ from herd.eval.perplexity import score_texts, token_nlls
 from herd.eval.position import cumulative_average, fit_power_law, nll_by_position, segment_means
 from herd.eval.speed import measure_speed
 from herd.eval.tasks import pass_at_k, score_tasks
-from herd.hf import from_pretrained
+from herd.hf import from_pretrained, save_pretrained
 from herd.model import Llama4
 from herd.tokenizer import Tokenizer, train_tokenizer
 
@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory):
                       bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("run")
-    Llama4(ModelConfig(text=text)).save_pretrained(run / "model")
+    save_pretrained(Llama4(ModelConfig(text=text)), run / "model")
     tok.save(run / "model")
     (run / "config.json").write_text(json.dumps({"train": {"seq_len": 64}}))
     return run
