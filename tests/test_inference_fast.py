@@ -93,7 +93,7 @@ def test_fast_greedy_tokens_equal_plain(method, kernel):
         # path (prefill, then cached decoding of those tokens), up to the kernel's rounding noise.
         new = out[:, ids.shape[1]:]
         with torch.no_grad():
-            logits = cached_logits(model, ids, None, None, new[:, :-1], prefill_chunk=1024)
+            logits = cached_logits(model, ids, torch.ones_like(ids), None, new[:, :-1], prefill_chunk=1024)
         chosen = logits.gather(-1, new[..., None])[..., 0]
         assert (logits.amax(-1) - chosen).max() < GREEDY_GAP[kernel]
 
