@@ -3,6 +3,8 @@ failure on another machine can be told apart from a failure of the code."""
 
 from importlib.metadata import PackageNotFoundError, version
 
+import pytest
+
 
 def _environment() -> list[str]:
     def v(name):
@@ -26,3 +28,24 @@ def pytest_terminal_summary(terminalreporter):  # also under -q, which hides the
     if terminalreporter.verbosity < 0:
         for line in _environment():
             terminalreporter.write_line(line)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """A byte-level BPE tokenizer of 300 merges trained on 100 kB of the standard library (tests/tiny.py)."""
+    from tests.tiny import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tok):
+    """tests/tiny.py's random-weight multimodal model and its tokenizer, saved in the Hugging Face layout.
+    Shared by every test module: never write into it."""
+    import herd
+    from tests.tiny import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny_checkpoint")
+    herd.save_pretrained(tiny_model(tok), path)
+    tok.save(path)
+    return path

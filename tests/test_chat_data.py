@@ -13,18 +13,12 @@ from herd.chat import render_chat
 from herd.config import ModelConfig, TextConfig
 from herd.data.chat_data import (chat_documents, code_instructions, preference_pairs, split_records,
                                  supervised_text, task_conversations, user_chat_data)
-from herd.data.corpora import BadInputError, ChatDoc, PreferenceDoc, read_user_data, stdlib_texts
+from herd.data.corpora import BadInputError, ChatDoc, PreferenceDoc, read_user_data
 from herd.data.images import ImageProcessor
 from herd.model import Llama4
 from herd.tasks import get_task
-from herd.tokenizer import train_tokenizer
 from herd.train.losses import IGNORE
 from herd.train.post_losses import DPOLoss, PreferenceBatch, answer_rows
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300)
 
 
 @pytest.mark.parametrize("task", ["letters", "arithmetic", "scenes"])

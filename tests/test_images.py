@@ -6,13 +6,6 @@ import torch
 from PIL import Image
 
 from herd.data.images import ImageError, ImageProcessor, choose_canvas, load_image, resized_size
-from herd.data.corpora import stdlib_texts
-from herd.tokenizer import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300)
 
 
 def _png(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:

@@ -1,59 +1,41 @@
-"""`herd generate` and `herd chat` on a tiny multimodal checkpoint with its own tokenizer."""
+"""`herd generate` and `herd chat` on a tiny multimodal checkpoint (tests/tiny.py) with its own tokenizer."""
 
 import io
 
 import pytest
-import torch
 from PIL import Image
 
-import herd
 from herd.cli import main
-from herd.config import ModelConfig, TextConfig, VisionConfig
-from herd.data.corpora import stdlib_texts
 from herd.inference.chat_cmd import chat_loop
 from herd.inference.compiled import compiled_step
 from herd.inference.session import ChatSession, Sampling, TextStream, load_model_and_tokenizer
-from herd.model import Llama4
-from herd.tokenizer import train_tokenizer
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300)
-    text = TextConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      num_local_experts=2, attention_chunk_size=16, max_position_embeddings=2048,
-                      bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
-    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=128, projector_input_dim=48, projector_output_dim=48, vision_output_dim=48)
-    config = ModelConfig(text=text, vision=vision, image_token_index=tok.patch_id,
-                         boi_token_index=tok.image_start_id, eoi_token_index=tok.image_end_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt")
-    herd.save_pretrained(Llama4(config), path)
-    tok.save(path)
-    image = path / "cat.png"
-    Image.new("RGB", (40, 24), (200, 120, 30)).save(image)
-    (path / "broken.png").write_bytes(b"\x89PNG not really")
-    return path
+def images(tmp_path_factory):
+    """An image and a broken one."""
+    images = tmp_path_factory.mktemp("images")
+    Image.new("RGB", (40, 24), (200, 120, 30)).save(images / "cat.png")
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    return images
 
 
-def test_generate_command_streams_text(checkpoint, capsys):
-    assert main(["generate", "--model", str(checkpoint), "--prompt", "def f(x):", "--max-new-tokens", "6",
+def test_generate_command_streams_text(tiny_checkpoint, images, capsys):
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "def f(x):", "--max-new-tokens", "6",
                  "--temperature", "0"]) == 0
     assert capsys.readouterr().out.strip()  # some text came out
-    assert main(["generate", "--model", str(checkpoint), "--prompt", "hi", "--temperature", "-1"]) == 2
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "hi", "--temperature", "-1"]) == 2
     assert "temperature" in capsys.readouterr().err
-    assert main(["generate", "--model", str(checkpoint), "--prompt", "x = ", "--max-new-tokens", "3",
-                 "--quantize", "int4", "--chat", "--image", str(checkpoint / "cat.png")]) == 0
+    assert main(["generate", "--model", str(tiny_checkpoint), "--prompt", "x = ", "--max-new-tokens", "3",
+                 "--quantize", "int4", "--chat", "--image", str(images / "cat.png")]) == 0
 
 
-def test_generate_command_compiled_gives_the_same_text(checkpoint, capsys, monkeypatch):
+def test_generate_command_compiled_gives_the_same_text(tiny_checkpoint, capsys, monkeypatch):
     from herd.inference import batching
 
     steps = []
     monkeypatch.setattr(batching, "compiled_step", lambda *a: steps.append(1) or compiled_step(*a))
-    args = ["generate", "--model", str(checkpoint), "--prompt", "import os", "--max-new-tokens", "8",
+    args = ["generate", "--model", str(tiny_checkpoint), "--prompt", "import os", "--max-new-tokens", "8",
             "--temperature", "0"]
     assert main(args) == 0
     eager = capsys.readouterr().out
@@ -61,15 +43,15 @@ def test_generate_command_compiled_gives_the_same_text(checkpoint, capsys, monke
     assert capsys.readouterr().out == eager and steps  # the decode steps did run compiled
 
 
-def test_a_model_loaded_for_inference_is_prepared_for_decoding(checkpoint):
+def test_a_model_loaded_for_inference_is_prepared_for_decoding(tiny_checkpoint):
     from herd.inference.fast import FastAttention
 
-    model, _ = load_model_and_tokenizer(checkpoint, quantize="int8")
+    model, _ = load_model_and_tokenizer(tiny_checkpoint, quantize="int8")
     assert model.decode_ready and isinstance(model.layers[0].self_attn, FastAttention)
 
 
-def test_text_stream_holds_back_partial_characters(checkpoint):
-    _, tok = load_model_and_tokenizer(checkpoint)
+def test_text_stream_holds_back_partial_characters(tiny_checkpoint):
+    _, tok = load_model_and_tokenizer(tiny_checkpoint)
     out = []
     stream = TextStream(tok, out.append)
     ids = tok.encode("héllo ✓")
@@ -79,11 +61,11 @@ def test_text_stream_holds_back_partial_characters(checkpoint):
     assert "".join(out) == "héllo ✓" and all("\ufffd" not in piece for piece in out)
 
 
-def test_chat_session_survives_bad_input_and_interrupts(checkpoint):
-    model, tok = load_model_and_tokenizer(checkpoint)
+def test_chat_session_survives_bad_input_and_interrupts(tiny_checkpoint, images):
+    model, tok = load_model_and_tokenizer(tiny_checkpoint)
     session = ChatSession(model, tok, Sampling(max_new_tokens=8, temperature=0.0), system="Be brief.")
-    lines = iter(["hello there", f"/image {checkpoint / 'broken.png'}", "/image /no/such/file.png", "/wat",
-                  f"/image {checkpoint / 'cat.png'}", "what is in the picture?", "interrupt me", "/quit", "never read"])
+    lines = iter(["hello there", f"/image {images / 'broken.png'}", "/image /no/such/file.png", "/wat",
+                  f"/image {images / 'cat.png'}", "what is in the picture?", "interrupt me", "/quit", "never read"])
     out = io.StringIO()
     interrupted = {"armed": False, "times": 0}
 

@@ -12,7 +12,6 @@ from herd.data.documents import Document, chat_document, image_text_document, te
 from herd.data.images import ImageProcessor
 from herd.data.packing import IGNORE, Batch, Mixture, PackedLoader, pack_rows
 from herd.data.synthetic import synthetic_scenes
-from herd.tokenizer import train_tokenizer
 
 PAD = 10**6
 
@@ -24,11 +23,6 @@ def _numbered_docs(lengths) -> list[Document]:
 
 
 LENGTHS = [5, 40, 1, 17, 100, 3, 64, 33, 9, 70, 2, 31]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300)
 
 
 def _epoch(loader) -> list:

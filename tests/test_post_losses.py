@@ -195,28 +195,18 @@ def test_loss_difficulty_is_the_mean_answer_loss():
 from dataclasses import replace  # noqa: E402
 
 from herd.chat import render_chat  # noqa: E402
-from herd.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from herd.data.corpora import stdlib_texts  # noqa: E402
 from herd.data.images import ImageProcessor  # noqa: E402
 from herd.tasks import Arithmetic, Score, get_task  # noqa: E402
-from herd.tokenizer import train_tokenizer  # noqa: E402
 from herd.train.difficulty import pass_rates  # noqa: E402
 from herd.train.rollouts import completion_rows, sample_rollouts  # noqa: E402
+from tests.tiny import tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def chat_model():
-    tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300)
-    text = TextConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=32, intermediate_size_mlp=64,
-                      num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
-                      num_local_experts=2, attention_chunk_size=16, max_position_embeddings=512,
-                      bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
-    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=128, projector_input_dim=48, projector_output_dim=48, vision_output_dim=48)
-    config = ModelConfig(text=text, vision=vision, image_token_index=tok.patch_id,
-                         boi_token_index=tok.image_start_id, eoi_token_index=tok.image_end_id)
+def chat_model(tok):
+    config = tiny_config(tok, hidden_size=32)
     torch.manual_seed(0)
-    return tok, Llama4(config).eval(), ImageProcessor.from_config(vision, max_tiles=1)
+    return tok, Llama4(config).eval(), ImageProcessor.from_config(config.vision, max_tiles=1)
 
 
 def test_completion_rows_mark_what_the_chat_renderer_marks(chat_model):

@@ -13,46 +13,23 @@ import urllib.request
 import pytest
 import torch
 
-import herd
 from PIL import Image
 
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
 
-from herd.config import ModelConfig, TextConfig, VisionConfig  # noqa: E402
-from herd.data.corpora import stdlib_texts  # noqa: E402
 from herd.inference import generate  # noqa: E402
 from herd.inference.session import load_model_and_tokenizer  # noqa: E402
-from herd.model import Llama4  # noqa: E402
 from herd.serve.app import ServeConfig, create_app  # noqa: E402
 from herd.serve.text import IncrementalText  # noqa: E402
-from herd.tokenizer import train_tokenizer  # noqa: E402
 
 TIMEOUT = 60  # seconds, for any one request
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=30_000)], num_bpe_ranks=300)
-    text = TextConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=64, intermediate_size_mlp=128,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                      num_local_experts=2, attention_chunk_size=16, max_position_embeddings=2048,
-                      bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
-    vision = VisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          intermediate_size=128, projector_input_dim=48, projector_output_dim=48, vision_output_dim=48)
-    config = ModelConfig(text=text, vision=vision, image_token_index=tok.patch_id,
-                         boi_token_index=tok.image_start_id, eoi_token_index=tok.image_end_id)
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt")
-    herd.save_pretrained(Llama4(config), path)
-    tok.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def loaded(checkpoint):
-    return load_model_and_tokenizer(checkpoint)
+def loaded(tiny_checkpoint):
+    return load_model_and_tokenizer(tiny_checkpoint)
 
 
 def free_port() -> int:
@@ -378,13 +355,15 @@ def test_incremental_text_holds_partial_characters_and_stop_strings(loaded):
     assert "".join(pieces) == "hello " and text.flush() == "world"
 
 
-def test_serve_command_prints_the_url_and_drains_on_sigterm(checkpoint):
+def test_serve_command_prints_the_url_and_drains_on_sigterm(tiny_checkpoint, tmp_path):
     import os
+    import shutil
     import signal
     import subprocess
     import sys
 
     port = free_port()
+    checkpoint = shutil.copytree(tiny_checkpoint, tmp_path / "served")
     (checkpoint / "generation_config.json").write_text(json.dumps({"temperature": 0.0, "top_p": 0.5}))
     env = {**os.environ, "HERD_API_KEY": "k3y"}
     proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(checkpoint), "--port", str(port),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_serve import checkpoint, loaded, metric, serve  # noqa: F401  (fixtures)
+from tests.test_serve import loaded, metric, serve  # noqa: F401  (fixtures)
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
 

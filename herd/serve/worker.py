@@ -142,6 +142,6 @@ class EngineWorker:
             channel.loop.call_soon_threadsafe(channel.queue.put_nowait, item)
 
     def _fail_all(self, error: Exception):
+        self.engine = self.make_engine()  # first, so that whoever hears of the failure finds the new engine
         for request_id in list(self.channels):
             self._send(request_id, EngineFailed(str(error)), final=True)
-        self.engine = self.make_engine()
