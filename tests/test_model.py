@@ -193,6 +193,7 @@ def test_chunked_head_loss_equals_plain_cross_entropy(dtype, monkeypatch):
     from herd.model import head_loss
 
     monkeypatch.setattr(head_loss, "CHUNK_ELEMENTS", 5 * 128)  # 5 rows a chunk: 3 chunks, the last short
+    monkeypatch.setattr(head_loss, "MIN_ROWS", 1)
     config = ModelConfig(text=small_text(), vision=None)
     twins = []
     for _ in range(2):

