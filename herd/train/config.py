@@ -139,6 +139,16 @@ class RunConfig:
     tag_k: int = 1  # the k of pass@k
     easy_pass_rate: float = 0.5  # pass@k at or above this: easy, dropped
     easy_loss: float = 0.5  # code instructions whose answer loss (nats/token) is below this: easy, dropped
+    rl_steps: int = 40
+    rl_lr: float = 1e-4
+    rl_problems: int = 64  # candidate train-pool problems per task; re-filtering keeps the medium-to-hard ones
+    rl_prompts: int = 8  # prompts per batch (groups), refilled after zero-advantage groups are dropped
+    rl_group: int = 4  # sampled completions per prompt (G)
+    rl_refilter_every: int = 10  # steps between re-scorings of the candidates by the current policy
+    rl_max_attempts: int = 4  # draws per batch at most while refilling
+    rl_eps_low: float = 0.2  # clip range below 1 ...
+    rl_eps_high: float = 0.28  # ... and above (DAPO's clip-higher)
+    rl_kl_beta: float = 0.0  # weight of the KL to the frozen start-of-RL policy (logged either way)
     dpo_steps: int = 30
     dpo_lr: float = 2e-5
     dpo_beta: float = 0.1
@@ -149,12 +159,13 @@ class RunConfig:
 
     def __post_init__(self):
         for name in ("contrastive_steps", "align_steps", "joint_steps", "code_bytes", "sft_steps", "sft_problems",
-                     "sft_code", "dpo_steps", "dpo_problems"):
+                     "sft_code", "rl_steps", "rl_problems", "dpo_steps", "dpo_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.caption_fraction < 1:
             raise ValueError(f"caption_fraction must be in [0, 1), got {self.caption_fraction}")
-        for name in ("post_eval_problems", "answer_tokens", "tag_samples", "tag_k", "dpo_pairs"):
+        for name in ("post_eval_problems", "answer_tokens", "tag_samples", "tag_k", "dpo_pairs", "rl_prompts",
+                     "rl_refilter_every", "rl_max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.tag_k > self.tag_samples:
@@ -162,6 +173,11 @@ class RunConfig:
                              "at least k samples")
         if self.dpo_samples < 2:
             raise ValueError(f"dpo_samples must be at least 2 (a pair needs two answers), got {self.dpo_samples}")
+        if self.rl_group < 2:
+            raise ValueError(f"rl_group must be at least 2 (advantages are relative to the group), got {self.rl_group}")
+        if not 0 < self.rl_eps_low < 1 or self.rl_eps_high <= 0 or self.rl_kl_beta < 0:
+            raise ValueError(f"need 0 < rl_eps_low < 1, rl_eps_high > 0 and rl_kl_beta >= 0, got {self.rl_eps_low}, "
+                             f"{self.rl_eps_high}, {self.rl_kl_beta}")
         if not 0 < self.easy_pass_rate <= 1:
             raise ValueError(f"easy_pass_rate must be in (0, 1], got {self.easy_pass_rate}")
         if not self.dpo_beta > 0:
@@ -203,7 +219,8 @@ def quick() -> RunConfig:
                      contrastive_steps=20, align_steps=20, joint_steps=40,
                      images=400, heldout_images=24, samples=2, nll_files=4, nll_len=512,
                      sft_steps=30, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
-                     answer_tokens=40, dpo_steps=6, dpo_problems=12,
+                     answer_tokens=40, rl_steps=6, rl_problems=12, rl_prompts=4, rl_refilter_every=3,
+                     dpo_steps=6, dpo_problems=12,
                      train=TrainConfig(steps=150, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=15,
                                        eval_every=75, eval_batches=4, ckpt_every=75, bias_rate=1e-2))
 
@@ -214,6 +231,7 @@ def smoke() -> RunConfig:
                      contrastive_steps=3, align_steps=3, joint_steps=4,
                      images=64, image_batch=8, heldout_images=8, samples=1, nll_files=2, nll_len=128,
                      sft_steps=3, sft_problems=6, sft_code=6, tag_samples=2, post_eval_problems=4, answer_tokens=16,
+                     rl_steps=3, rl_problems=4, rl_prompts=2, rl_group=2, rl_refilter_every=2, rl_max_attempts=2,
                      dpo_steps=3, dpo_problems=4, dpo_samples=2, dpo_pairs=2,
                      train=TrainConfig(steps=6, batch_size=4, seq_len=128, warmup_steps=2, eval_every=3,
                                        eval_batches=2, ckpt_every=3, log_every=1, progress=False))

@@ -10,6 +10,7 @@ training loop (herd.train.loop), which knows nothing of stages. `herd train` run
     align        adapter alignment: vision tower + projector learn, the language model is frozen
     joint        early fusion on a mixture of code rows and captioned-image rows, all weights learn
     sft          supervised fine-tuning on the hard part of task conversations and code instructions
+    rl           online GRPO on task prompts (text and image) the policy keeps re-filtering to medium-to-hard
     dpo          DPO on pairs from the policy's own graded answers, against a frozen reference
 
 Every row-shaped stage reads `PackedLoader` (herd.data.packing): documents packed into rows, each
@@ -48,7 +49,8 @@ from ..eval import LMEvaluator, token_byte_lengths
 from .difficulty import drop_easy, loss_difficulty, pass_rates
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
-from .post_losses import DPOLoss, PreferenceBatch, answer_rows
+from .online_rl import OnlineRollouts
+from .post_losses import DPOLoss, GRPOLoss, PreferenceBatch, answer_rows
 from .rollouts import dpo_pairs, preference_rows, sample_rollouts, task_accuracy
 
 TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
@@ -241,7 +243,7 @@ def joint(run: Run) -> Stage | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Post-training (SPEC 6): lightweight SFT on what the model finds hard, then DPO
+# Post-training (SPEC 6): lightweight SFT on what the model finds hard, online RL, then DPO
 # ------------------------------------------------------------------------------------------------
 
 def sft(run: Run) -> Stage | None:
@@ -289,6 +291,29 @@ def sft(run: Run) -> Stage | None:
     return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr),
                  run.loader(docs, tc.batch_size, tc.seed + 11, whole_documents=True), causal_lm_loss, ("",), evaluate,
                  images=any(d.pixel_values is not None for d in docs))
+
+
+def rl(run: Run) -> Stage | None:
+    """Online RL: GRPO with DAPO's token mean and clip-higher on rollouts of the policy as it learns
+    (herd.train.online_rl: dynamic filtering of zero-advantage groups, a candidate pool of every
+    task re-filtered to medium-to-hard prompts every `rl_refilter_every` steps). The KL to a frozen
+    copy of the policy as RL starts is logged, and trained against only when `rl_kl_beta` > 0."""
+    cfg, tc, model = run.cfg, run.cfg.train, run.model
+    if not cfg.rl_steps:
+        return None
+    run.pretrained_accuracy()
+    data = OnlineRollouts(model, run.tokenizer, run.train_problems(cfg.rl_problems, seed_offset=2),
+                          prompts=cfg.rl_prompts, group_size=cfg.rl_group, max_new_tokens=cfg.answer_tokens,
+                          refilter_every=cfg.rl_refilter_every, max_attempts=cfg.rl_max_attempts, seed=tc.seed + 2,
+                          image_processor=run.post_processor)
+    loss = GRPOLoss(cfg.rl_eps_low, cfg.rl_eps_high, cfg.rl_kl_beta, reference=copy.deepcopy(model))
+
+    def evaluate(model):
+        run.task_accuracy["rl"] = run.task_eval(model)
+        return run.task_accuracy["rl"]
+
+    return Stage("rl", run.stage_config(cfg.rl_steps, cfg.rl_lr, balance="none"), data, loss, ("",), evaluate,
+                 images=any(p.image is not None for p in data.candidates))
 
 
 class PairBatches:
@@ -342,8 +367,8 @@ def dpo(run: Run) -> Stage | None:
 
 
 RECIPES: dict[str, Callable[[Run], Stage | None]] = {
-    "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft, "dpo": dpo}
-POST_TRAINING = (sft, dpo)  # before the first of these, `herd train` keeps the pretrained model as <out>/base
+    "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft, "rl": rl, "dpo": dpo}
+POST_TRAINING = (sft, rl, dpo)  # before the first of these, `herd train` keeps the pretrained model as <out>/base
 
 
 # ------------------------------------------------------------------------------------------------
