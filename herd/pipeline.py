@@ -3,7 +3,7 @@
     tokenizer   train a byte-level BPE on the code corpus (or load one)
     data        tokenize code into documents (images are drawn when a stage first needs them)
     stages      a list of recipes (herd.train.recipes), each resumable, each reachable with
-                --stages=NAME: contrastive, text, align, joint by default; then sft, dpo if named
+                --stages=NAME: contrastive, text, align, joint, then post-training: sft, rl, dpo
     results     a Hugging Face checkpoint with the tokenizer (`model`: the final, post-trained model;
                 `base`: the pretrained one, kept before post-training), samples, NLL by position,
                 held-out captioning, task accuracy per stage, and report.md with plots
@@ -209,6 +209,10 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
                      "task_accuracy": job.task_accuracy}
     with torch.no_grad():
         summary["final_code"] = job.code_eval(model)
+        if base_saved:  # the pretraining checks read the pretrained model, kept before post-training
+            from .hf import from_pretrained
+
+            summary["base_code"] = job.code_eval(from_pretrained(out / "base"))
         summary["final_code_with_selection_bias"] = with_bias
         nll = nll_by_position(model, [d.tokens[:-1].tolist() for d in val_docs[: 4 * cfg.nll_files]], cfg.nll_len)
         summary["nll_by_position"] = nll.tolist()

@@ -17,8 +17,7 @@ from typing import Any, Literal, get_args, get_type_hints
 Schedule = Literal["cosine", "wsd", "constant"]
 Balance = Literal["bias", "aux", "none"]
 DistillWeighting = Literal["fixed", "dynamic"]
-Stage = Literal["contrastive", "text", "align", "joint"]  # the default order; post-training (sft, dpo) is
-# reached with --stages=contrastive,text,align,joint,sft,dpo until its learning rates keep the code loss
+Stage = Literal["contrastive", "text", "align", "joint", "sft", "rl", "dpo"]  # the default order
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
