@@ -39,8 +39,8 @@ from .train.config import PRESETS, STAGES, RunConfig, apply_overrides, parse_ove
 # ------------------------------------------------------------------------------------------------
 
 def load_or_train_tokenizer(cfg: RunConfig, out: Path, texts) -> Tokenizer:
-    if cfg.tokenizer:
-        return Tokenizer.from_dir(cfg.tokenizer)
+    if cfg.tokenizer or cfg.init:
+        return Tokenizer.from_dir(cfg.tokenizer or cfg.init)
     saved = out / "tokenizer"
     if (saved / "tokenizer.json").exists():
         return Tokenizer.from_dir(saved)
@@ -155,9 +155,14 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
               f"matmul peak of this machine: {peak / 1e9:.1f} GFLOP/s (measured)")
 
     torch.manual_seed(tc.seed)
-    model = Llama4(model_config_for(cfg.model, tokenizer))
-    if tc.metap:
-        metap_init_(model, tc.base_width, tc.base_depth)
+    if cfg.init:  # continue from a checkpoint (e.g. --init=runs/main/base --stages=sft)
+        from .hf import from_pretrained
+
+        model = from_pretrained(cfg.init)
+    else:
+        model = Llama4(model_config_for(cfg.model, tokenizer))
+        if tc.metap:
+            metap_init_(model, tc.base_width, tc.base_depth)
     job = Run(cfg, out, tokenizer, model, train_docs, val_docs, peak)
     if ctx is not None:
         from .distributed import parallelize

@@ -94,7 +94,8 @@ def plot_throughput(records: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts), label=stage)
     ax.set_xlabel("step")
     ax.set_ylabel("tokens / s")
-    ax.legend()
+    if rows:  # a run of post-training stages alone has no language-model pretraining to show
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -5,6 +5,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from herd.chat import render_chat
 from herd.pipeline import run
@@ -201,3 +202,38 @@ def test_rl_resumed_from_a_checkpoint_continues_with_the_same_losses(chat_model,
     assert [r[0] for r in resumed] == [3, 4]
     for (_, *a), (_, *b) in zip(whole[2:], resumed):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
+
+
+def test_sft_alone_on_a_checkpoint_with_the_users_data(tmp_path, capsys):
+    """`herd train --init=CKPT --stages=sft --sft_data=my.jsonl`: a given checkpoint post-trained on
+    the user's conversations (bad records skipped with a warning), kept as base/ beside model/."""
+    from safetensors.torch import load_file
+
+    from herd.cli import main
+    from herd.data.corpora import stdlib_texts
+    from herd.model import Llama4
+    from herd.pipeline import model_config_for
+    from herd.tokenizer import train_tokenizer
+    from herd.train.checkpoint import save_model
+
+    ckpt = tmp_path / "ckpt"
+    tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300)
+    save_model(Llama4(model_config_for("tiny", tok)), ckpt)
+    tok.save(ckpt)
+    lines = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}]}
+             for i in range(12)]
+    lines += [{"prompt": "Name a colour.", "completion": "Red."}, {"messages": [{"content": "no role"}]}]
+    data = tmp_path / "my.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    out = tmp_path / "run"
+    assert main(["train", "smoke", f"--out={out}", f"--init={ckpt}", "--stages=sft", f"--sft_data={data}",
+                 "--easy_loss=0", "--answer_tokens=8", "--post_eval_problems=2"]) == 0
+    printed = capsys.readouterr()
+    assert f"13 conversations of {data}" in printed.out and "training on 13 conversations" in printed.out
+    assert "my.jsonl:14" in printed.err  # the bad record, named by file and line
+    summary = json.loads((out / "summary.json").read_text())
+    assert list(summary["stages"]) == ["sft"] and list(summary["task_accuracy"]) == ["pretrained", "sft"]
+    start, base, final = (load_file(next(d.glob("*.safetensors"))) for d in (ckpt, out / "base", out / "model"))
+    assert all(torch.equal(start[k], base[k]) for k in start)  # base/ is the checkpoint it started from
+    assert any(not torch.equal(start[k], final[k]) for k in start)
+    assert (out / "model" / "tokenizer.json").read_text() == (ckpt / "tokenizer.json").read_text()

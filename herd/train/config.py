@@ -108,6 +108,7 @@ class RunConfig:
     out: str = "runs/main"  # run folder: config, metrics, checkpoints, plots, report
     data: str = ""  # your own text (folder or JSONL); empty = the Python standard library
     tokenizer: str = ""  # a tokenizer directory; empty = train one on the training text
+    init: str = ""  # start from this HF-layout herd checkpoint (its weights and tokenizer), not from scratch
     bpe_ranks: int = 7936
     tokenizer_bytes: int = 8_000_000  # training text for the tokenizer
     code_bytes: int = 0  # cap on the code corpus (0 = all of it)
@@ -134,6 +135,7 @@ class RunConfig:
     sft_lr: float = 1e-3
     sft_problems: int = 256  # train-pool problems per task, before the easy ones are dropped
     sft_code: int = 256  # code instructions from the stdlib, before the easy ones are dropped
+    sft_data: str = ""  # your conversations (TRL JSONL: messages, or prompt/completion) instead of tasks + code
     tag_samples: int = 4  # sampled answers per problem for its pass@k difficulty tag
     tag_k: int = 1  # the k of pass@k
     easy_pass_rate: float = 0.5  # pass@k at or above this: easy, dropped
@@ -145,6 +147,7 @@ class RunConfig:
     rl_group: int = 4  # sampled completions per prompt (G)
     rl_refilter_every: int = 10  # steps between re-scorings of the candidates by the current policy
     rl_max_attempts: int = 4  # draws per batch at most while refilling
+    rl_temperature: float = 0.7  # sampling temperature of the rollouts (1.0 left --quick's SFT model no reward)
     rl_eps_low: float = 0.2  # clip range below 1 ...
     rl_eps_high: float = 0.28  # ... and above (DAPO's clip-higher)
     rl_kl_beta: float = 0.0  # weight of the KL to the frozen start-of-RL policy (logged either way)
@@ -174,6 +177,8 @@ class RunConfig:
             raise ValueError(f"dpo_samples must be at least 2 (a pair needs two answers), got {self.dpo_samples}")
         if self.rl_group < 2:
             raise ValueError(f"rl_group must be at least 2 (advantages are relative to the group), got {self.rl_group}")
+        if not self.rl_temperature > 0:
+            raise ValueError(f"rl_temperature must be positive (rollouts are sampled), got {self.rl_temperature}")
         if not 0 < self.rl_eps_low < 1 or self.rl_eps_high <= 0 or self.rl_kl_beta < 0:
             raise ValueError(f"need 0 < rl_eps_low < 1, rl_eps_high > 0 and rl_kl_beta >= 0, got {self.rl_eps_low}, "
                              f"{self.rl_eps_high}, {self.rl_kl_beta}")
@@ -217,7 +222,7 @@ def quick() -> RunConfig:
     return RunConfig(out="runs/quick", tokenizer_bytes=2_000_000, code_bytes=3_000_000,
                      contrastive_steps=20, align_steps=20, joint_steps=40,
                      images=400, heldout_images=24, samples=2, nll_files=4, nll_len=512,
-                     sft_steps=30, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
+                     sft_steps=40, sft_lr=2e-3, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
                      answer_tokens=40, rl_steps=6, rl_problems=12, rl_prompts=4, rl_refilter_every=3,
                      dpo_steps=6, dpo_problems=12,
                      train=TrainConfig(steps=150, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=15,

@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ..chat import render_chat
-from ..data.chat_data import chat_documents, code_instructions, task_conversations
+from ..data.chat_data import chat_documents, code_instructions, render_chats, split_records, task_conversations
+from ..data.corpora import read_user_data
 from ..data.datasets import scene_documents
 from ..data.documents import Document, chat_document
 from ..data.images import ImageProcessor
@@ -259,12 +260,16 @@ def sft(run: Run) -> Stage | None:
     run.pretrained_accuracy()
     was_training = model.training
     model.eval()
-    problems = run.train_problems(cfg.sft_problems, seed_offset=0)
+    problems = [] if cfg.sft_data else run.train_problems(cfg.sft_problems, seed_offset=0)
     rates = pass_rates(model, tok, problems, n=cfg.tag_samples, k=cfg.tag_k, max_new_tokens=cfg.answer_tokens,
-                       seed=tc.seed, image_processor=run.post_processor)
+                       seed=tc.seed, image_processor=run.post_processor) if problems else []
     hard_problems, _ = drop_easy(problems, rates, cfg.easy_pass_rate)
-    code = [render_chat(c.messages, tok) for c in code_instructions("train", max_items=cfg.sft_code)]
-    code = [r for r in code if len(r) <= tc.seq_len]
+    if cfg.sft_data:  # the user's conversations replace the tasks' and the code instructions
+        chats, _ = split_records(read_user_data(cfg.sft_data, on_error="skip"))
+        code = render_chats(chats, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
+    else:
+        code = [render_chat(c.messages, tok) for c in code_instructions("train", max_items=cfg.sft_code)]
+        code = [r for r in code if len(r) <= tc.seq_len]
     losses = [loss_difficulty(model, answer_rows(code[i:i + 16], tok.pad_id)) for i in range(0, len(code), 16)]
     losses = torch.cat(losses).tolist() if losses else []
     hard_code, _ = drop_easy(code, [-x for x in losses], -cfg.easy_loss)  # easy: a loss below easy_loss
@@ -276,12 +281,14 @@ def sft(run: Run) -> Stage | None:
                "dropped_easy_code": 1 - len(hard_code) / max(len(code), 1)}
     docs = chat_documents(task_conversations(hard_problems), tok, run.post_processor, max_tokens=tc.seq_len,
                           on_error="skip")
-    docs += [chat_document(r, tok) for r in hard_code]
+    docs += [chat_document(r, tok, run.post_processor.tokens_per_tile if run.post_processor else None)
+             for r in hard_code]
     if not docs:
         raise ValueError(f"sft: all {total} examples were tagged easy; raise --easy_pass_rate or lower --easy_loss")
     if run.rank == 0:
         print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(problems)} task prompts, "
-              f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} code instructions, "
+              f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} "
+              f"{'conversations of ' + cfg.sft_data if cfg.sft_data else 'code instructions'}, "
               f"{dropped['dropped_easy_code']:.0%} dropped); training on {len(docs)} conversations")
 
     def evaluate(model):
@@ -304,7 +311,8 @@ def rl(run: Run) -> Stage | None:
     run.pretrained_accuracy()
     data = OnlineRollouts(model, run.tokenizer, run.train_problems(cfg.rl_problems, seed_offset=2),
                           prompts=cfg.rl_prompts, group_size=cfg.rl_group, max_new_tokens=cfg.answer_tokens,
-                          refilter_every=cfg.rl_refilter_every, max_attempts=cfg.rl_max_attempts, seed=tc.seed + 2,
+                          refilter_every=cfg.rl_refilter_every, max_attempts=cfg.rl_max_attempts,
+                          temperature=cfg.rl_temperature, seed=tc.seed + 2,
                           image_processor=run.post_processor)
     loss = GRPOLoss(cfg.rl_eps_low, cfg.rl_eps_high, cfg.rl_kl_beta, reference=copy.deepcopy(model))
 
@@ -312,8 +320,9 @@ def rl(run: Run) -> Stage | None:
         run.task_accuracy["rl"] = run.task_eval(model)
         return run.task_accuracy["rl"]
 
-    return Stage("rl", run.stage_config(cfg.rl_steps, cfg.rl_lr, balance="none"), data, loss, ("",), evaluate,
-                 images=any(p.image is not None for p in data.candidates))
+    # every step's rollouts are a fresh sample of the policy: log each one, for the report's curves
+    return Stage("rl", run.stage_config(cfg.rl_steps, cfg.rl_lr, balance="none", log_every=1), data, loss, ("",),
+                 evaluate, images=any(p.image is not None for p in data.candidates))
 
 
 class PairBatches:
