@@ -204,9 +204,10 @@ def test_rl_resumed_from_a_checkpoint_continues_with_the_same_losses(chat_model,
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
 
 
-def test_sft_alone_on_a_checkpoint_with_the_users_data(tmp_path, capsys):
-    """`herd train --init=CKPT --stages=sft --sft_data=my.jsonl`: a given checkpoint post-trained on
-    the user's conversations (bad records skipped with a warning), kept as base/ beside model/."""
+def test_post_training_alone_on_a_checkpoint_with_the_users_data(tmp_path, capsys):
+    """`herd train --init=CKPT --stages=sft,dpo --sft_data=my.jsonl --dpo_data=my.jsonl`: a given
+    checkpoint post-trained on the user's conversations and preference pairs (bad records skipped
+    with a warning), kept as base/ beside model/."""
     from safetensors.torch import load_file
 
     from herd.cli import main
@@ -223,16 +224,20 @@ def test_sft_alone_on_a_checkpoint_with_the_users_data(tmp_path, capsys):
     lines = [{"messages": [{"role": "user", "content": f"Say {i}."}, {"role": "assistant", "content": f"{i}"}]}
              for i in range(12)]
     lines += [{"prompt": "Name a colour.", "completion": "Red."}, {"messages": [{"content": "no role"}]}]
+    lines += [{"prompt": f"Is {i} even?", "chosen": "yes" if i % 2 == 0 else "no",
+               "rejected": "no" if i % 2 == 0 else "yes"} for i in range(5)]
     data = tmp_path / "my.jsonl"
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "run"
-    assert main(["train", "smoke", f"--out={out}", f"--init={ckpt}", "--stages=sft", f"--sft_data={data}",
-                 "--easy_loss=0", "--answer_tokens=8", "--post_eval_problems=2"]) == 0
+    assert main(["train", "smoke", f"--out={out}", f"--init={ckpt}", "--stages=sft,dpo", f"--sft_data={data}",
+                 f"--dpo_data={data}", "--easy_loss=0", "--answer_tokens=8", "--post_eval_problems=2"]) == 0
     printed = capsys.readouterr()
     assert f"13 conversations of {data}" in printed.out and "training on 13 conversations" in printed.out
+    assert f"[dpo] 5 preference pairs, from {data}" in printed.out
     assert "my.jsonl:14" in printed.err  # the bad record, named by file and line
     summary = json.loads((out / "summary.json").read_text())
-    assert list(summary["stages"]) == ["sft"] and list(summary["task_accuracy"]) == ["pretrained", "sft"]
+    assert list(summary["stages"]) == ["sft", "dpo"] and list(summary["task_accuracy"]) == ["pretrained", "sft", "dpo"]
+    assert records(out, "dpo", "train")[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     start, base, final = (load_file(next(d.glob("*.safetensors"))) for d in (ckpt, out / "base", out / "model"))
     assert all(torch.equal(start[k], base[k]) for k in start)  # base/ is the checkpoint it started from
     assert any(not torch.equal(start[k], final[k]) for k in start)

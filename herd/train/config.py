@@ -158,6 +158,7 @@ class RunConfig:
     dpo_problems: int = 64  # train-pool problems per task the policy answers to make preference pairs
     dpo_samples: int = 4  # sampled answers per problem
     dpo_pairs: int = 4  # preference pairs per micro-batch
+    dpo_data: str = ""  # your preference pairs (TRL JSONL: prompt/chosen/rejected) instead of the policy's own
 
     def __post_init__(self):
         for name in ("contrastive_steps", "align_steps", "joint_steps", "code_bytes", "sft_steps", "sft_problems",

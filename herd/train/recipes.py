@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from ..chat import render_chat
-from ..data.chat_data import chat_documents, code_instructions, render_chats, split_records, task_conversations
+from ..data.chat_data import (chat_documents, code_instructions, preference_pairs, render_chats, split_records,
+                              task_conversations)
 from ..data.corpora import read_user_data
 from ..data.datasets import scene_documents
 from ..data.documents import Document, chat_document
@@ -351,19 +352,30 @@ def dpo(run: Run) -> Stage | None:
     if not cfg.dpo_steps:
         return None
     run.pretrained_accuracy()
-    was_training = model.training
-    model.eval()
-    rollouts = sample_rollouts(model, tok, run.train_problems(cfg.dpo_problems, seed_offset=1),
-                               group_size=cfg.dpo_samples, max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1,
-                               image_processor=run.post_processor)
-    model.train(was_training)
-    pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
-    pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
+    if cfg.dpo_data:  # the user's (chosen, rejected) renderings replace the policy's graded answers
+        _, prefs = split_records(read_user_data(cfg.dpo_data, on_error="skip"))
+        pairs = preference_pairs(prefs, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
+        own = 0.0
+        rows = lambda chunk: PreferenceBatch(answer_rows([c for c, _ in chunk] + [r for _, r in chunk],  # noqa: E731
+                                                         tok.pad_id))
+        source = f"from {cfg.dpo_data}"
+    else:
+        was_training = model.training
+        model.eval()
+        rollouts = sample_rollouts(model, tok, run.train_problems(cfg.dpo_problems, seed_offset=1),
+                                   group_size=cfg.dpo_samples, max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1,
+                                   image_processor=run.post_processor)
+        model.train(was_training)
+        pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
+        pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
+        rows = lambda chunk: preference_rows(chunk, tok.pad_id)  # noqa: E731
+        source = f"{own:.0%} with the policy's own right answer as chosen"
     if not pairs:
-        raise ValueError("dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
+        raise ValueError(f"dpo: no preference pairs in {cfg.dpo_data}" if cfg.dpo_data else
+                         "dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
     if run.rank == 0:
-        print(f"[dpo] {len(pairs)} preference pairs, {own:.0%} with the policy's own right answer as chosen")
-    batches = [preference_rows(pairs[i:i + cfg.dpo_pairs], tok.pad_id) for i in range(0, len(pairs), cfg.dpo_pairs)]
+        print(f"[dpo] {len(pairs)} preference pairs, {source}")
+    batches = [rows(pairs[i:i + cfg.dpo_pairs]) for i in range(0, len(pairs), cfg.dpo_pairs)]
     reference = copy.deepcopy(model)
     loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=reference)
 
