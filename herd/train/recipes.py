@@ -254,7 +254,8 @@ def sft(run: Run) -> Stage | None:
     Difficulty is tagged with the model as it is now: pass@k of sampled answers on the verifiable
     prompts, the answer's loss on the code instructions; what is easy is dropped (Llama 4 dropped
     over half its SFT data this way). The rest are packed as documents whose only targets are the
-    assistant's tokens, through the one data path."""
+    assistant's tokens, through the one data path. With `sft_data`, the user's conversations
+    replace both and are tagged by their answers' loss."""
     cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
     if not cfg.sft_steps:
         return None
@@ -347,7 +348,8 @@ class PairBatches:
 def dpo(run: Run) -> Stage | None:
     """Lightweight DPO on pairs from the policy's own answers graded by the checkers (chosen: right
     and well-formed; rejected: wrong, ill-formed or cut off), against a frozen copy of the policy as
-    it starts (a frozen model of the loop: not optimised, not checkpointed)."""
+    it starts (a frozen model of the loop: not optimised, not checkpointed). With `dpo_data`, the
+    user's preference pairs instead."""
     cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
     if not cfg.dpo_steps:
         return None
@@ -355,10 +357,7 @@ def dpo(run: Run) -> Stage | None:
     if cfg.dpo_data:  # the user's (chosen, rejected) renderings replace the policy's graded answers
         _, prefs = split_records(read_user_data(cfg.dpo_data, on_error="skip"))
         pairs = preference_pairs(prefs, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
-        own = 0.0
-        rows = lambda chunk: PreferenceBatch(answer_rows([c for c, _ in chunk] + [r for _, r in chunk],  # noqa: E731
-                                                         tok.pad_id))
-        source = f"from {cfg.dpo_data}"
+        own, source = 0.0, f"from {cfg.dpo_data}"
     else:
         was_training = model.training
         model.eval()
@@ -368,14 +367,15 @@ def dpo(run: Run) -> Stage | None:
         model.train(was_training)
         pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
         pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
-        rows = lambda chunk: preference_rows(chunk, tok.pad_id)  # noqa: E731
         source = f"{own:.0%} with the policy's own right answer as chosen"
     if not pairs:
         raise ValueError(f"dpo: no preference pairs in {cfg.dpo_data}" if cfg.dpo_data else
                          "dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
     if run.rank == 0:
         print(f"[dpo] {len(pairs)} preference pairs, {source}")
-    batches = [rows(pairs[i:i + cfg.dpo_pairs]) for i in range(0, len(pairs), cfg.dpo_pairs)]
+    chunks = [pairs[i:i + cfg.dpo_pairs] for i in range(0, len(pairs), cfg.dpo_pairs)]
+    batches = [PreferenceBatch(answer_rows([c for c, _ in chunk] + [r for _, r in chunk], tok.pad_id))
+               if cfg.dpo_data else preference_rows(chunk, tok.pad_id) for chunk in chunks]
     reference = copy.deepcopy(model)
     loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=reference)
 
