@@ -1,6 +1,7 @@
 """Rollout speed for online RL: the same rollouts sampled by the training model's own modules and
 by a prepared inference copy (`prepare_for_decoding` on a deep copy, what the RL loop syncs every
-N steps). Both in one run; compare the ratio (CPU timings on a shared machine are noisy).
+N steps), and plain `generate` on the same prompts (no rendering, scoring or rows: what rollouts
+add to decoding). All in one run; compare the ratios (CPU timings on a shared machine are noisy).
 
     python benchmarks/rollouts.py [--threads 1] [--prompts 16] [--group 4] [--new 32] [--repeats 3]
 
@@ -22,7 +23,8 @@ import torch
 
 from herd.data.corpora import stdlib_texts
 from herd.data.images import ImageProcessor
-from herd.inference import prepare_for_decoding
+from herd.chat import render_chat
+from herd.inference import generate, pad_prompts, prepare_for_decoding
 from herd.model import Llama4
 from herd.presets import tiny
 from herd.tasks import get_task
@@ -53,9 +55,23 @@ def main() -> None:
     half = args.prompts // 2
     problems = get_task("letters").problems("train", half) + get_task("scenes").problems("train", args.prompts - half)
 
+    rendered = [render_chat(p.messages(), tok, add_generation_prompt=True, image_processor=processor)
+                for p in problems]
+    prompt_ids, attention = pad_prompts([r.ids for r in rendered for _ in range(args.group)], tok.pad_id)
+    pixels = torch.cat([r.pixel_values for r in rendered for _ in range(args.group) if r.pixel_values is not None])
+    stops = [tok.eot_id, tok.eom_id, tok.end_of_text_id]
+
     best: dict[str, float] = {}
     completions: dict[str, list[str]] = {}
     for round_ in range(args.repeats + 1):  # round 0 warms up, untimed
+        start = time.perf_counter()
+        with torch.no_grad():  # as sample_rollouts runs it
+            out = generate(model, prompt_ids, args.new, temperature=1.0, top_p=1.0, stop_token_ids=stops,
+                           pixel_values=pixels, attention_mask=attention, seed=0)
+        seconds = time.perf_counter() - start
+        tokens = int((out[:, prompt_ids.shape[1]:] != tok.pad_id).sum())  # after a stop, generate pads
+        if round_:
+            best["plain generate (no rollouts)"] = max(best.get("plain generate (no rollouts)", 0.0), tokens / seconds)
         for name, sampler in (("training model (as trained)", model), ("prepared inference copy", fast)):
             start = time.perf_counter()
             rollouts = sample_rollouts(sampler, tok, problems, group_size=args.group, max_new_tokens=args.new,
@@ -65,7 +81,7 @@ def main() -> None:
             completions[name] = rollouts.completions
             if round_:
                 best[name] = max(best.get(name, 0.0), tokens / seconds)
-    same = len({tuple(c) for c in completions.values()}) == 1
+    same = len({tuple(c) for c in completions.values()}) == 1  # the two rollout samplers
     rows = args.prompts * args.group
     print(f"{rows} rollouts ({args.prompts} prompts x {args.group}), up to {args.new} new tokens, "
           f"{args.threads} thread(s); same completions from both: {same}")

@@ -3,7 +3,7 @@
     tokenizer   train a byte-level BPE on the code corpus (or load one)
     data        tokenize code into documents (images are drawn when a stage first needs them)
     stages      a list of recipes (herd.train.recipes), each resumable, each reachable with
-                --stages=NAME: contrastive, text, align, joint by default; then sft, dpo if named
+                --stages=NAME: contrastive, text, align, joint, then post-training: sft, rl, dpo
     results     a Hugging Face checkpoint with the tokenizer (`model`: the final, post-trained model;
                 `base`: the pretrained one, kept before post-training), samples, NLL by position,
                 held-out captioning, task accuracy per stage, and report.md with plots
@@ -39,8 +39,8 @@ from .train.config import PRESETS, STAGES, RunConfig, apply_overrides, parse_ove
 # ------------------------------------------------------------------------------------------------
 
 def load_or_train_tokenizer(cfg: RunConfig, out: Path, texts) -> Tokenizer:
-    if cfg.tokenizer:
-        return Tokenizer.from_dir(cfg.tokenizer)
+    if cfg.tokenizer or cfg.init:
+        return Tokenizer.from_dir(cfg.tokenizer or cfg.init)
     saved = out / "tokenizer"
     if (saved / "tokenizer.json").exists():
         return Tokenizer.from_dir(saved)
@@ -155,9 +155,14 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
               f"matmul peak of this machine: {peak / 1e9:.1f} GFLOP/s (measured)")
 
     torch.manual_seed(tc.seed)
-    model = Llama4(model_config_for(cfg.model, tokenizer))
-    if tc.metap:
-        metap_init_(model, tc.base_width, tc.base_depth)
+    if cfg.init:  # continue from a checkpoint (e.g. --init=runs/main/base --stages=sft)
+        from .hf import from_pretrained
+
+        model = from_pretrained(cfg.init)
+    else:
+        model = Llama4(model_config_for(cfg.model, tokenizer))
+        if tc.metap:
+            metap_init_(model, tc.base_width, tc.base_depth)
     job = Run(cfg, out, tokenizer, model, train_docs, val_docs, peak)
     if ctx is not None:
         from .distributed import parallelize
@@ -209,6 +214,10 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
                      "task_accuracy": job.task_accuracy}
     with torch.no_grad():
         summary["final_code"] = job.code_eval(model)
+        if base_saved:  # the pretraining checks read the pretrained model, kept before post-training
+            from .hf import from_pretrained
+
+            summary["base_code"] = job.code_eval(from_pretrained(out / "base"))
         summary["final_code_with_selection_bias"] = with_bias
         nll = nll_by_position(model, [d.tokens[:-1].tolist() for d in val_docs[: 4 * cfg.nll_files]], cfg.nll_len)
         summary["nll_by_position"] = nll.tolist()

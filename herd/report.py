@@ -3,7 +3,8 @@
 Plots: training and validation loss per stage against the unigram baseline; per-layer expert load
 over time (a heatmap per MoE layer: one row per expert, the fraction of routed tokens it got);
 the cumulative average NLL by position on held-out code files (SPEC 7: it should fall with
-position and flatten); throughput and MFU of the language-model stages.
+position and flatten); throughput and MFU of the language-model stages; online RL's reward,
+zero-advantage fraction and KL over its steps.
 """
 
 from __future__ import annotations
@@ -93,10 +94,35 @@ def plot_throughput(records: list[dict], path: Path) -> None:
             ax.plot(*zip(*pts), label=stage)
     ax.set_xlabel("step")
     ax.set_ylabel("tokens / s")
-    ax.legend()
+    if rows:  # a run of post-training stages alone has no language-model pretraining to show
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_rl(records: list[dict], path: Path) -> bool:
+    """Online RL over its steps: reward and accuracy of the sampled answers, the share of groups
+    dropped as zero-advantage, and the KL to the policy as RL started."""
+    rows = sorted((r for r in records if r.get("kind") == "train" and r["stage"] == "rl" and "reward" in r),
+                  key=lambda r: r["step"])
+    if not rows:
+        return False
+    plt = _plt()
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for key in ("reward", "accuracy"):
+        axes[0].plot(steps, [r[key] for r in rows], label=key)
+    axes[1].plot(steps, [r["zero_advantage_groups"] for r in rows])
+    axes[2].plot(steps, [r.get("kl", float("nan")) for r in rows])
+    for ax, title in zip(axes, ("sampled answers", "groups dropped (zero advantage)", "KL to the start of RL")):
+        ax.set_title(title)
+        ax.set_xlabel("rl step")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _median(records: list[dict], stage: str, key: str) -> float | None:
@@ -113,6 +139,7 @@ def write_report(out: str | Path, summary: dict) -> Path:
     has_load = plot_expert_load(records, plots / "expert_load.png")
     plot_nll(summary["nll_by_position"], plots / "nll_by_position.png")
     plot_throughput(records, plots / "throughput.png")
+    has_rl = plot_rl(records, plots / "rl.png")
 
     code = summary["final_code"]
     lines = ["# herd training report", "",
@@ -122,6 +149,9 @@ def write_report(out: str | Path, summary: dict) -> Path:
              f"| validation loss (held-out code) | {code['loss']:.3f} nats/token |",
              f"| unigram baseline (token frequencies only) | {summary['unigram_loss']:.3f} nats/token |",
              f"| bits per byte | {code['bpb']:.3f} |"]
+    if "base_code" in summary:
+        lines.append(f"| validation loss of the pretrained base (before post-training) | "
+                     f"{summary['base_code']['loss']:.3f} nats/token |")
     if "final_code_with_selection_bias" in summary:
         lines.append(f"| validation loss with the training-time selection bias | "
                      f"{summary['final_code_with_selection_bias']['loss']:.3f} |")
@@ -149,6 +179,11 @@ def write_report(out: str | Path, summary: dict) -> Path:
             lines += ["", f"SFT dropped {sft['dropped_easy']:.0%} of its data as easy for the pretrained model "
                       f"(task prompts {sft['dropped_easy_tasks']:.0%}, code instructions "
                       f"{sft['dropped_easy_code']:.0%})."]
+        if has_rl:
+            dropped = _median(records, "rl", "zero_advantage_groups")
+            lines += ["", f"Online RL dropped a median {dropped:.0%} of its sampled groups per step as "
+                      "zero-advantage (every answer scored the same) and refilled the batch.", "",
+                      "![rl](plots/rl.png)"]
         lines.append("")
     lines += ["## Throughput", "", "| stage | tokens/s (median) | MFU vs measured fp32 matmul peak | time |",
               "|---|---|---|---|"]

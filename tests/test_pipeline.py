@@ -19,14 +19,15 @@ def run_dir(tmp_path_factory):
 
 def test_the_run_leaves_a_report_and_learns(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert set(summary["stages"]) == {"contrastive", "text", "align", "joint"}
+    assert list(summary["stages"]) == ["contrastive", "text", "align", "joint", "sft", "rl", "dpo"]
+    assert list(summary["task_accuracy"]) == ["pretrained", "sft", "rl", "dpo"]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     text = [r["loss"] for r in records if r["stage"] == "text" and r["kind"] == "train"]
     assert text[-1] < text[0]
     assert len(summary["nll_by_position"]) == summary["config"]["nll_len"] - 1
     assert summary["code_samples"] and summary["captions"]
     report = (run_dir / "report.md").read_text()
-    for plot in ("loss", "expert_load", "nll_by_position", "throughput"):
+    for plot in ("loss", "expert_load", "nll_by_position", "throughput", "rl"):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
         assert f"plots/{plot}.png" in report
 
@@ -45,19 +46,24 @@ def test_a_rerun_resumes_every_stage(run_dir, capsys):
     capsys.readouterr()
     assert main(["train", "smoke", f"--out={run_dir}"]) == 0
     out = capsys.readouterr().out
-    for stage in ("contrastive", "text", "align", "joint"):
+    for stage in ("contrastive", "text", "align", "joint", "sft", "rl", "dpo"):
         assert f"[{stage}] resumed from" in out
 
 
 def _check_learned(out):
+    """Pretraining learned (the base model, kept before post-training) and SFT taught the tasks."""
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_code"]["loss"] < summary["unigram_loss"] - 1.0  # far below the unigram baseline
+    assert summary["base_code"]["loss"] < summary["unigram_loss"] - 1.0  # far below the unigram baseline
     assert (out / "report.md").exists() and (out / "model" / "model.safetensors").exists()
+    assert (out / "base" / "model.safetensors").exists()
+    accuracy = summary["task_accuracy"]
+    tasks = [t for t in accuracy["pretrained"] if not t.endswith("_format")]
+    assert sum(accuracy["sft"][t] for t in tasks) > sum(accuracy["pretrained"][t] for t in tasks)
     return summary
 
 
 def test_quick_run_learns(tmp_path):
-    """The README's main job at `--quick` scale: the same pipeline, under two minutes on 2 cores."""
+    """The README's main job at `--quick` scale: the same pipeline, about two minutes on 2 cores."""
     assert main(["train", "--quick", f"--out={tmp_path}"]) == 0
     _check_learned(tmp_path)
 

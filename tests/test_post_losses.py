@@ -2,6 +2,7 @@
 clipping and KL against the formulas written out by hand, dynamic filtering, pass@k against the
 combinatorial definition, and the easy-data filter."""
 
+import copy
 import math
 from itertools import combinations
 
@@ -147,7 +148,7 @@ def test_grpo_loss_is_the_token_mean_policy_gradient():
     (-(advantages[:, None] * logp).sum()).backward()
     for a, p in zip(grad, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
-    assert out.metrics["clip_fraction"] == (0.0, 5) and out.metrics["kl"] == (0.0, 5)
+    assert out.metrics["clip_fraction"] == (0.0, 5) and "kl" not in out.metrics  # no reference, no KL
     assert out.metrics["entropy"][0] / 5 == pytest.approx(math.log(256), rel=0.1)  # near-uniform tiny model
 
 
@@ -157,6 +158,14 @@ def test_grpo_kl_needs_the_reference_and_is_zero_against_itself():
         GRPOLoss(kl_beta=0.1)(model, RLBatch(batch, torch.tensor([1.0])))
     out = GRPOLoss(kl_beta=0.1)(model, RLBatch(batch, torch.tensor([1.0]), ref_logps=target_logprobs(model, batch)))
     assert out.metrics["kl"][0] == pytest.approx(0.0, abs=1e-6)
+    # a frozen reference model gives the batch its log-probabilities; a moved policy has KL > 0
+    reference = copy.deepcopy(model)
+    loss = GRPOLoss(kl_beta=0.1, reference=reference)
+    assert loss.frozen == {"reference": reference}
+    assert loss(model, RLBatch(batch, torch.tensor([1.0]))).metrics["kl"][0] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    assert loss(model, RLBatch(batch, torch.tensor([1.0]))).metrics["kl"][0] > 1e-3
 
 
 @pytest.mark.parametrize("n,c,k", [(5, 0, 1), (5, 2, 1), (5, 2, 3), (6, 5, 2), (8, 3, 8), (4, 4, 2)])

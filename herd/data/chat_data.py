@@ -109,20 +109,25 @@ def _render(messages: list[dict], source: str, tokenizer: "Tokenizer", processor
     return rendered
 
 
+def render_chats(chats: Iterable[ChatDoc], tokenizer: "Tokenizer", processor: "ImageProcessor | None" = None, *,
+                 max_tokens: int | None = None, on_error: OnError = "stop",
+                 errors: InputErrors | None = None) -> list[RenderedChat]:
+    """Conversations rendered by the chat renderer (loss mask: the assistant's tokens); bad ones
+    (unrenderable, over-long, nothing to learn) are counted under `on_error`."""
+    own = errors is None
+    errors = InputErrors(on_error) if own else errors
+    rendered = [_render(chat.messages, chat.source, tokenizer, processor, max_tokens, errors) for chat in chats]
+    if own:
+        errors.print_summary()
+    return [r for r in rendered if r is not None]
+
+
 def chat_documents(chats: Iterable[ChatDoc], tokenizer: "Tokenizer", processor: "ImageProcessor | None" = None, *,
                    max_tokens: int | None = None, on_error: OnError = "stop",
                    errors: InputErrors | None = None) -> list[Document]:
     """Conversations as packable documents whose targets are the assistant's tokens only."""
-    own = errors is None
-    errors = InputErrors(on_error) if own else errors
-    docs = []
-    for chat in chats:
-        rendered = _render(chat.messages, chat.source, tokenizer, processor, max_tokens, errors)
-        if rendered is not None:
-            docs.append(chat_document(rendered, tokenizer, processor.tokens_per_tile if processor else None))
-    if own:
-        errors.print_summary()
-    return docs
+    rendered = render_chats(chats, tokenizer, processor, max_tokens=max_tokens, on_error=on_error, errors=errors)
+    return [chat_document(r, tokenizer, processor.tokens_per_tile if processor else None) for r in rendered]
 
 
 def preference_pairs(prefs: Iterable[PreferenceDoc], tokenizer: "Tokenizer",

@@ -17,8 +17,7 @@ from typing import Any, Literal, get_args, get_type_hints
 Schedule = Literal["cosine", "wsd", "constant"]
 Balance = Literal["bias", "aux", "none"]
 DistillWeighting = Literal["fixed", "dynamic"]
-Stage = Literal["contrastive", "text", "align", "joint"]  # the default order; post-training (sft, dpo) is
-# reached with --stages=contrastive,text,align,joint,sft,dpo until its learning rates keep the code loss
+Stage = Literal["contrastive", "text", "align", "joint", "sft", "rl", "dpo"]  # the default order
 STAGES: tuple[str, ...] = get_args(Stage)
 
 
@@ -109,6 +108,7 @@ class RunConfig:
     out: str = "runs/main"  # run folder: config, metrics, checkpoints, plots, report
     data: str = ""  # your own text (folder or JSONL); empty = the Python standard library
     tokenizer: str = ""  # a tokenizer directory; empty = train one on the training text
+    init: str = ""  # start from this HF-layout herd checkpoint (its weights and tokenizer), not from scratch
     bpe_ranks: int = 7936
     tokenizer_bytes: int = 8_000_000  # training text for the tokenizer
     code_bytes: int = 0  # cap on the code corpus (0 = all of it)
@@ -135,10 +135,22 @@ class RunConfig:
     sft_lr: float = 1e-3
     sft_problems: int = 256  # train-pool problems per task, before the easy ones are dropped
     sft_code: int = 256  # code instructions from the stdlib, before the easy ones are dropped
+    sft_data: str = ""  # your conversations (TRL JSONL: messages, or prompt/completion) instead of tasks + code
     tag_samples: int = 4  # sampled answers per problem for its pass@k difficulty tag
     tag_k: int = 1  # the k of pass@k
     easy_pass_rate: float = 0.5  # pass@k at or above this: easy, dropped
     easy_loss: float = 0.5  # code instructions whose answer loss (nats/token) is below this: easy, dropped
+    rl_steps: int = 40
+    rl_lr: float = 1e-4
+    rl_problems: int = 64  # candidate train-pool problems per task; re-filtering keeps the medium-to-hard ones
+    rl_prompts: int = 8  # prompts per batch (groups), refilled after zero-advantage groups are dropped
+    rl_group: int = 4  # sampled completions per prompt (G)
+    rl_refilter_every: int = 10  # steps between re-scorings of the candidates by the current policy
+    rl_max_attempts: int = 4  # draws per batch at most while refilling
+    rl_temperature: float = 0.7  # sampling temperature of the rollouts (1.0 left --quick's SFT model no reward)
+    rl_eps_low: float = 0.2  # clip range below 1 ...
+    rl_eps_high: float = 0.28  # ... and above (DAPO's clip-higher)
+    rl_kl_beta: float = 0.0  # weight of the KL to the frozen start-of-RL policy (logged either way)
     dpo_steps: int = 30
     dpo_lr: float = 2e-5
     dpo_beta: float = 0.1
@@ -146,15 +158,17 @@ class RunConfig:
     dpo_problems: int = 64  # train-pool problems per task the policy answers to make preference pairs
     dpo_samples: int = 4  # sampled answers per problem
     dpo_pairs: int = 4  # preference pairs per micro-batch
+    dpo_data: str = ""  # your preference pairs (TRL JSONL: prompt/chosen/rejected) instead of the policy's own
 
     def __post_init__(self):
         for name in ("contrastive_steps", "align_steps", "joint_steps", "code_bytes", "sft_steps", "sft_problems",
-                     "sft_code", "dpo_steps", "dpo_problems"):
+                     "sft_code", "rl_steps", "rl_problems", "dpo_steps", "dpo_problems"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.caption_fraction < 1:
             raise ValueError(f"caption_fraction must be in [0, 1), got {self.caption_fraction}")
-        for name in ("post_eval_problems", "answer_tokens", "tag_samples", "tag_k", "dpo_pairs"):
+        for name in ("post_eval_problems", "answer_tokens", "tag_samples", "tag_k", "dpo_pairs", "rl_prompts",
+                     "rl_refilter_every", "rl_max_attempts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.tag_k > self.tag_samples:
@@ -162,6 +176,13 @@ class RunConfig:
                              "at least k samples")
         if self.dpo_samples < 2:
             raise ValueError(f"dpo_samples must be at least 2 (a pair needs two answers), got {self.dpo_samples}")
+        if self.rl_group < 2:
+            raise ValueError(f"rl_group must be at least 2 (advantages are relative to the group), got {self.rl_group}")
+        if not self.rl_temperature > 0:
+            raise ValueError(f"rl_temperature must be positive (rollouts are sampled), got {self.rl_temperature}")
+        if not 0 < self.rl_eps_low < 1 or self.rl_eps_high <= 0 or self.rl_kl_beta < 0:
+            raise ValueError(f"need 0 < rl_eps_low < 1, rl_eps_high > 0 and rl_kl_beta >= 0, got {self.rl_eps_low}, "
+                             f"{self.rl_eps_high}, {self.rl_kl_beta}")
         if not 0 < self.easy_pass_rate <= 1:
             raise ValueError(f"easy_pass_rate must be in (0, 1], got {self.easy_pass_rate}")
         if not self.dpo_beta > 0:
@@ -202,8 +223,9 @@ def quick() -> RunConfig:
     return RunConfig(out="runs/quick", tokenizer_bytes=2_000_000, code_bytes=3_000_000,
                      contrastive_steps=20, align_steps=20, joint_steps=40,
                      images=400, heldout_images=24, samples=2, nll_files=4, nll_len=512,
-                     sft_steps=30, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
-                     answer_tokens=40, dpo_steps=6, dpo_problems=12,
+                     sft_steps=40, sft_lr=2e-3, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
+                     answer_tokens=40, rl_steps=6, rl_problems=12, rl_prompts=4, rl_refilter_every=3,
+                     dpo_steps=6, dpo_problems=12,
                      train=TrainConfig(steps=150, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=15,
                                        eval_every=75, eval_batches=4, ckpt_every=75, bias_rate=1e-2))
 
@@ -214,6 +236,7 @@ def smoke() -> RunConfig:
                      contrastive_steps=3, align_steps=3, joint_steps=4,
                      images=64, image_batch=8, heldout_images=8, samples=1, nll_files=2, nll_len=128,
                      sft_steps=3, sft_problems=6, sft_code=6, tag_samples=2, post_eval_problems=4, answer_tokens=16,
+                     rl_steps=3, rl_problems=4, rl_prompts=2, rl_group=2, rl_refilter_every=2, rl_max_attempts=2,
                      dpo_steps=3, dpo_problems=4, dpo_samples=2, dpo_pairs=2,
                      train=TrainConfig(steps=6, batch_size=4, seq_len=128, warmup_steps=2, eval_every=3,
                                        eval_batches=2, ckpt_every=3, log_every=1, progress=False))

@@ -28,7 +28,7 @@ rollout batch pi_old is pi itself (detached): the ratio is 1, and the gradient i
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -190,10 +190,16 @@ class RLBatch:
     advantages: torch.Tensor  # [B] one per completion
     old_logps: torch.Tensor | None = None  # [B, T] of the policy that sampled; None: the current one
     ref_logps: torch.Tensor | None = None  # [B, T] of the frozen reference, for the KL term
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # the rollouts' (sum, count), logged
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return self.batch.input_ids
 
     def to(self, device) -> "RLBatch":
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return RLBatch(self.batch.to(device), self.advantages.to(device), move(self.old_logps), move(self.ref_logps))
+        return RLBatch(self.batch.to(device), self.advantages.to(device), move(self.old_logps), move(self.ref_logps),
+                       self.metrics)
 
 
 @dataclass
@@ -223,29 +229,39 @@ def grpo_terms(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.T
 
 
 class GRPOLoss:
-    """`loss_fn(model, RLBatch)`: summed per-token GRPO loss, count = completion tokens (DAPO's token mean)."""
+    """`loss_fn(model, RLBatch)`: summed per-token GRPO loss, count = completion tokens (DAPO's token mean).
+    With a `reference` model, batches without `ref_logps` get them from it, so the KL to it is
+    logged (and trained against when kl_beta > 0); it sits in `frozen`, like DPOLoss's. The
+    batch's own metrics (the rollouts' rewards) are logged with the loss's."""
 
-    def __init__(self, eps_low: float = 0.2, eps_high: float = 0.28, kl_beta: float = 0.0):
+    def __init__(self, eps_low: float = 0.2, eps_high: float = 0.28, kl_beta: float = 0.0,
+                 reference: nn.Module | None = None):
         if not (0 < eps_low < 1 and eps_high > 0):
             raise ValueError(f"need 0 < eps_low < 1 and eps_high > 0, got eps_low={eps_low}, eps_high={eps_high}")
         if kl_beta < 0:
             raise ValueError(f"kl_beta must be >= 0, got {kl_beta}")
         self.eps_low, self.eps_high, self.kl_beta = eps_low, eps_high, kl_beta
+        self.frozen = {} if reference is None else {"reference": reference}
 
     def __call__(self, model: nn.Module, rl: RLBatch) -> LossOutput:
-        if self.kl_beta and rl.ref_logps is None:
-            raise ValueError("kl_beta > 0 needs the reference's log-probabilities (RLBatch.ref_logps)")
+        ref_logps = rl.ref_logps
+        if ref_logps is None and "reference" in self.frozen:
+            ref_logps = target_logprobs(self.frozen["reference"], rl.batch)
+        if self.kl_beta and ref_logps is None:
+            raise ValueError("kl_beta > 0 needs the reference's log-probabilities: RLBatch.ref_logps or "
+                             "GRPOLoss(reference=frozen_model)")
         out = _forward(model, rl.batch)
         labels = rl.batch.labels
         mask = labels != IGNORE
         logps = token_logprobs(out.logits, labels)
         old = rl.old_logps if rl.old_logps is not None else logps.detach()
         terms = grpo_terms(logps, old, rl.advantages, mask, eps_low=self.eps_low, eps_high=self.eps_high,
-                           ref_logps=rl.ref_logps, kl_beta=self.kl_beta)
+                           ref_logps=ref_logps, kl_beta=self.kl_beta)
         n = int(mask.sum())
         with torch.no_grad():
             logits = out.logits.float()[mask]  # [n, V]
             entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum()
-        metrics = {"clip_fraction": (float(terms.clipped.sum()), n), "kl": (float(terms.kl.sum()), n),
-                   "entropy": (float(entropy), n)}
+        metrics = {**rl.metrics, "clip_fraction": (float(terms.clipped.sum()), n), "entropy": (float(entropy), n)}
+        if ref_logps is not None:
+            metrics["kl"] = (float(terms.kl.sum()), n)
         return LossOutput(terms.losses.sum(), n, out.router, metrics)

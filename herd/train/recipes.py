@@ -10,6 +10,7 @@ training loop (herd.train.loop), which knows nothing of stages. `herd train` run
     align        adapter alignment: vision tower + projector learn, the language model is frozen
     joint        early fusion on a mixture of code rows and captioned-image rows, all weights learn
     sft          supervised fine-tuning on the hard part of task conversations and code instructions
+    rl           online GRPO on task prompts (text and image) the policy keeps re-filtering to medium-to-hard
     dpo          DPO on pairs from the policy's own graded answers, against a frozen reference
 
 Every row-shaped stage reads `PackedLoader` (herd.data.packing): documents packed into rows, each
@@ -33,7 +34,9 @@ import torch
 from torch import nn
 
 from ..chat import render_chat
-from ..data.chat_data import chat_documents, code_instructions, task_conversations
+from ..data.chat_data import (chat_documents, code_instructions, preference_pairs, render_chats, split_records,
+                              task_conversations)
+from ..data.corpora import read_user_data
 from ..data.datasets import scene_documents
 from ..data.documents import Document, chat_document
 from ..data.images import ImageProcessor
@@ -48,7 +51,8 @@ from ..eval import LMEvaluator, token_byte_lengths
 from .difficulty import drop_easy, loss_difficulty, pass_rates
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
-from .post_losses import DPOLoss, PreferenceBatch, answer_rows
+from .online_rl import OnlineRollouts
+from .post_losses import DPOLoss, GRPOLoss, PreferenceBatch, answer_rows
 from .rollouts import dpo_pairs, preference_rows, sample_rollouts, task_accuracy
 
 TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
@@ -241,7 +245,7 @@ def joint(run: Run) -> Stage | None:
 
 
 # ------------------------------------------------------------------------------------------------
-# Post-training (SPEC 6): lightweight SFT on what the model finds hard, then DPO
+# Post-training (SPEC 6): lightweight SFT on what the model finds hard, online RL, then DPO
 # ------------------------------------------------------------------------------------------------
 
 def sft(run: Run) -> Stage | None:
@@ -250,19 +254,24 @@ def sft(run: Run) -> Stage | None:
     Difficulty is tagged with the model as it is now: pass@k of sampled answers on the verifiable
     prompts, the answer's loss on the code instructions; what is easy is dropped (Llama 4 dropped
     over half its SFT data this way). The rest are packed as documents whose only targets are the
-    assistant's tokens, through the one data path."""
+    assistant's tokens, through the one data path. With `sft_data`, the user's conversations
+    replace both and are tagged by their answers' loss."""
     cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
     if not cfg.sft_steps:
         return None
     run.pretrained_accuracy()
     was_training = model.training
     model.eval()
-    problems = run.train_problems(cfg.sft_problems, seed_offset=0)
+    problems = [] if cfg.sft_data else run.train_problems(cfg.sft_problems, seed_offset=0)
     rates = pass_rates(model, tok, problems, n=cfg.tag_samples, k=cfg.tag_k, max_new_tokens=cfg.answer_tokens,
-                       seed=tc.seed, image_processor=run.post_processor)
+                       seed=tc.seed, image_processor=run.post_processor) if problems else []
     hard_problems, _ = drop_easy(problems, rates, cfg.easy_pass_rate)
-    code = [render_chat(c.messages, tok) for c in code_instructions("train", max_items=cfg.sft_code)]
-    code = [r for r in code if len(r) <= tc.seq_len]
+    if cfg.sft_data:  # the user's conversations replace the tasks' and the code instructions
+        chats, _ = split_records(read_user_data(cfg.sft_data, on_error="skip"))
+        code = render_chats(chats, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
+    else:
+        code = [render_chat(c.messages, tok) for c in code_instructions("train", max_items=cfg.sft_code)]
+        code = [r for r in code if len(r) <= tc.seq_len]
     losses = [loss_difficulty(model, answer_rows(code[i:i + 16], tok.pad_id)) for i in range(0, len(code), 16)]
     losses = torch.cat(losses).tolist() if losses else []
     hard_code, _ = drop_easy(code, [-x for x in losses], -cfg.easy_loss)  # easy: a loss below easy_loss
@@ -274,12 +283,14 @@ def sft(run: Run) -> Stage | None:
                "dropped_easy_code": 1 - len(hard_code) / max(len(code), 1)}
     docs = chat_documents(task_conversations(hard_problems), tok, run.post_processor, max_tokens=tc.seq_len,
                           on_error="skip")
-    docs += [chat_document(r, tok) for r in hard_code]
+    docs += [chat_document(r, tok, run.post_processor.tokens_per_tile if run.post_processor else None)
+             for r in hard_code]
     if not docs:
         raise ValueError(f"sft: all {total} examples were tagged easy; raise --easy_pass_rate or lower --easy_loss")
     if run.rank == 0:
         print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(problems)} task prompts, "
-              f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} code instructions, "
+              f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} "
+              f"{'conversations of ' + cfg.sft_data if cfg.sft_data else 'code instructions'}, "
               f"{dropped['dropped_easy_code']:.0%} dropped); training on {len(docs)} conversations")
 
     def evaluate(model):
@@ -289,6 +300,31 @@ def sft(run: Run) -> Stage | None:
     return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr),
                  run.loader(docs, tc.batch_size, tc.seed + 11, whole_documents=True), causal_lm_loss, ("",), evaluate,
                  images=any(d.pixel_values is not None for d in docs))
+
+
+def rl(run: Run) -> Stage | None:
+    """Online RL: GRPO with DAPO's token mean and clip-higher on rollouts of the policy as it learns
+    (herd.train.online_rl: dynamic filtering of zero-advantage groups, a candidate pool of every
+    task re-filtered to medium-to-hard prompts every `rl_refilter_every` steps). The KL to a frozen
+    copy of the policy as RL starts is logged, and trained against only when `rl_kl_beta` > 0."""
+    cfg, tc, model = run.cfg, run.cfg.train, run.model
+    if not cfg.rl_steps:
+        return None
+    run.pretrained_accuracy()
+    data = OnlineRollouts(model, run.tokenizer, run.train_problems(cfg.rl_problems, seed_offset=2),
+                          prompts=cfg.rl_prompts, group_size=cfg.rl_group, max_new_tokens=cfg.answer_tokens,
+                          refilter_every=cfg.rl_refilter_every, max_attempts=cfg.rl_max_attempts,
+                          temperature=cfg.rl_temperature, seed=tc.seed + 2,
+                          image_processor=run.post_processor)
+    loss = GRPOLoss(cfg.rl_eps_low, cfg.rl_eps_high, cfg.rl_kl_beta, reference=copy.deepcopy(model))
+
+    def evaluate(model):
+        run.task_accuracy["rl"] = run.task_eval(model)
+        return run.task_accuracy["rl"]
+
+    # every step's rollouts are a fresh sample of the policy: log each one, for the report's curves
+    return Stage("rl", run.stage_config(cfg.rl_steps, cfg.rl_lr, balance="none", log_every=1), data, loss, ("",),
+                 evaluate, images=any(p.image is not None for p in data.candidates))
 
 
 class PairBatches:
@@ -312,24 +348,34 @@ class PairBatches:
 def dpo(run: Run) -> Stage | None:
     """Lightweight DPO on pairs from the policy's own answers graded by the checkers (chosen: right
     and well-formed; rejected: wrong, ill-formed or cut off), against a frozen copy of the policy as
-    it starts (a frozen model of the loop: not optimised, not checkpointed)."""
+    it starts (a frozen model of the loop: not optimised, not checkpointed). With `dpo_data`, the
+    user's preference pairs instead."""
     cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
     if not cfg.dpo_steps:
         return None
     run.pretrained_accuracy()
-    was_training = model.training
-    model.eval()
-    rollouts = sample_rollouts(model, tok, run.train_problems(cfg.dpo_problems, seed_offset=1),
-                               group_size=cfg.dpo_samples, max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1,
-                               image_processor=run.post_processor)
-    model.train(was_training)
-    pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
-    pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
+    if cfg.dpo_data:  # the user's (chosen, rejected) renderings replace the policy's graded answers
+        _, prefs = split_records(read_user_data(cfg.dpo_data, on_error="skip"))
+        pairs = preference_pairs(prefs, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
+        own, source = 0.0, f"from {cfg.dpo_data}"
+    else:
+        was_training = model.training
+        model.eval()
+        rollouts = sample_rollouts(model, tok, run.train_problems(cfg.dpo_problems, seed_offset=1),
+                                   group_size=cfg.dpo_samples, max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1,
+                                   image_processor=run.post_processor)
+        model.train(was_training)
+        pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
+        pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
+        source = f"{own:.0%} with the policy's own right answer as chosen"
     if not pairs:
-        raise ValueError("dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
+        raise ValueError(f"dpo: no preference pairs in {cfg.dpo_data}" if cfg.dpo_data else
+                         "dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
     if run.rank == 0:
-        print(f"[dpo] {len(pairs)} preference pairs, {own:.0%} with the policy's own right answer as chosen")
-    batches = [preference_rows(pairs[i:i + cfg.dpo_pairs], tok.pad_id) for i in range(0, len(pairs), cfg.dpo_pairs)]
+        print(f"[dpo] {len(pairs)} preference pairs, {source}")
+    chunks = [pairs[i:i + cfg.dpo_pairs] for i in range(0, len(pairs), cfg.dpo_pairs)]
+    batches = [PreferenceBatch(answer_rows([c for c, _ in chunk] + [r for _, r in chunk], tok.pad_id))
+               if cfg.dpo_data else preference_rows(chunk, tok.pad_id) for chunk in chunks]
     reference = copy.deepcopy(model)
     loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=reference)
 
@@ -342,8 +388,8 @@ def dpo(run: Run) -> Stage | None:
 
 
 RECIPES: dict[str, Callable[[Run], Stage | None]] = {
-    "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft, "dpo": dpo}
-POST_TRAINING = (sft, dpo)  # before the first of these, `herd train` keeps the pretrained model as <out>/base
+    "contrastive": contrastive, "text": text, "align": align, "joint": joint, "sft": sft, "rl": rl, "dpo": dpo}
+POST_TRAINING = (sft, rl, dpo)  # before the first of these, `herd train` keeps the pretrained model as <out>/base
 
 
 # ------------------------------------------------------------------------------------------------

@@ -117,6 +117,31 @@ class Rollouts:
                 "zero_advantage_groups": float(1 - self.informative().float().mean())}
 
 
+def concat_rollouts(parts: Sequence[Rollouts], pad_id: int) -> Rollouts:
+    """Rollouts of the same group size as one: rows right-padded to the longest, tiles in row order."""
+    if not parts or len({r.group_size for r in parts}) != 1:
+        raise ValueError("concat_rollouts needs at least one Rollouts, all with the same group_size")
+    T = max(r.batch.input_ids.shape[1] for r in parts)
+
+    def cat(get, fill):
+        rows = [get(r) for r in parts]
+        out = torch.full((sum(len(x) for x in rows), T), fill, dtype=rows[0].dtype)
+        start = 0
+        for x in rows:
+            out[start:start + len(x), :x.shape[1]] = x
+            start += len(x)
+        return out
+
+    tiles = [r.batch.pixel_values for r in parts if r.batch.pixel_values is not None]
+    batch = Batch(cat(lambda r: r.batch.input_ids, pad_id), cat(lambda r: r.batch.labels, IGNORE),
+                  pixel_values=torch.cat(tiles) if tiles else None, attention_mask=cat(lambda r: r.batch.attention_mask, 0))
+    joined = lambda name: torch.cat([getattr(r, name) for r in parts])  # noqa: E731
+    return Rollouts(batch, cat(lambda r: r.assistant_mask, False), parts[0].group_size,
+                    [p for r in parts for p in r.problems], [c for r in parts for c in r.completions],
+                    joined("stopped"), joined("format_rewards"), joined("answer_rewards"), joined("rewards"),
+                    joined("tiles_per_row"))
+
+
 def completion_rows(prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]], pad_id: int
                     ) -> tuple[Batch, torch.Tensor]:
     """Right-padded prompt + completion rows: (Batch with labels on the completion ids, assistant
