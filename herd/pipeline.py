@@ -122,11 +122,8 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     out = Path(cfg.out)
     ctx = init_distributed()  # None unless started by torchrun with several processes
     main_rank = ctx is None or ctx.is_main
-    if ctx is not None and recipes != [RECIPES["text"]]:
-        recipes = [RECIPES["text"]]
-        if main_rank:
-            print("distributed run: text pretraining only (FSDP2 + expert parallelism); run the vision "
-                  "stages in one process (--stages=contrastive,align,joint) from its checkpoint")
+    if ctx is not None:
+        recipes = distributed_recipes(recipes, main_rank)
     if main_rank:
         check_writable(out)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -161,11 +158,9 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     job = Run(cfg, out, tokenizer, model, train_docs, val_docs, peak)
     if ctx is not None:
         from .distributed import parallelize
-        from .distributed.checkpoint import ShardedCheckpointer
 
         job.model = model = parallelize(model, ctx.mesh)
         job.rank, job.world_size = ctx.rank, ctx.world_size
-        job.checkpointer = ShardedCheckpointer(out / "checkpoints" / "text", tc.keep_checkpoints)
 
     # ---- stages; the pretrained model is kept as `base` before the first post-training stage
     base_saved = False
@@ -230,6 +225,24 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     if ctx is not None:
         torch.distributed.destroy_process_group()
     return summary
+
+
+def distributed_recipes(recipes: list[Recipe], main_rank: bool) -> list[Recipe]:
+    """The stages a torchrun job runs: text, align and joint (FSDP2 + expert parallelism, each rank
+    its own rows and their images). Contrastive pretraining is skipped: its in-batch negatives would
+    need every rank's embeddings gathered, and its heads (in the loss, outside FSDP) their gradients
+    reduced. Post-training stages are refused."""
+    from .train.recipes import RECIPES
+
+    supported = [RECIPES[name] for name in ("text", "align", "joint")]
+    post = [r for r in recipes if r not in supported and r is not RECIPES["contrastive"]]
+    if post:
+        raise ValueError(f"stage(s) {', '.join(getattr(r, '__name__', str(r)) for r in post)} do not run under "
+                         "torchrun (text, align and joint do); run them in one process, without torchrun")
+    if RECIPES["contrastive"] in recipes and main_rank:
+        print("distributed run: skipping contrastive pretraining (its in-batch negatives are per process); "
+              "the vision encoder starts from its initialisation")
+    return [r for r in recipes if r in supported]
 
 
 def save_plain(model: Llama4, path: Path) -> None:

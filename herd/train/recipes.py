@@ -82,7 +82,6 @@ class Run:
     peak_flops: float  # measured matmul FLOP/s of this machine
     rank: int = 0
     world_size: int = 1
-    checkpointer: object = None  # None: the loop's local Hugging Face-layout checkpoints
     results: dict[str, dict] = field(default_factory=dict)  # stage -> final loss and evaluation
     timings: dict[str, float] = field(default_factory=dict)
     estimates: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
@@ -104,6 +103,21 @@ class Run:
         """This rank's loader over `docs` at the run's sequence length."""
         return PackedLoader(docs, seq_len=self.cfg.train.seq_len, batch_size=batch_size, pad_id=self.tokenizer.pad_id,
                             seed=seed, rank=self.rank, world_size=self.world_size, **kw)
+
+    def scene_loader(self, batch_size: int, seed: int) -> PackedLoader:
+        """This rank's captioned-scene rows, each caption with its image. A batch without an image
+        (a padding batch at the end of an epoch) still runs the vision tower, on zero tiles, so that
+        every rank joins the same FSDP2 collectives."""
+        tile = (self.vision.num_channels, self.vision.image_size, self.vision.image_size)
+        return self.loader(self.scenes, batch_size, seed, whole_documents=True, tile_shape=tile)
+
+    def checkpointer_for(self, stage: str):
+        """None for one process (the loop's Hugging Face-layout checkpoints); sharded ones under torchrun."""
+        if self.world_size == 1:
+            return None
+        from ..distributed.checkpoint import ShardedCheckpointer
+
+        return ShardedCheckpointer(self.out / "checkpoints" / stage, self.cfg.train.keep_checkpoints)
 
     @cached_property
     def flops_per_token(self) -> float:
@@ -218,7 +232,7 @@ def align(run: Run) -> Stage | None:
     if run.vision is None or not cfg.align_steps:
         return None
     return Stage("align", run.stage_config(cfg.align_steps, cfg.align_lr, balance="none"),
-                 run.loader(run.scenes, cfg.train.batch_size, cfg.train.seed, whole_documents=True),
+                 run.scene_loader(cfg.train.batch_size, cfg.train.seed),
                  causal_lm_loss, ("vision.", "projector."), run.caption_eval, images=True)
 
 
@@ -231,7 +245,7 @@ def joint(run: Run) -> Stage | None:
     # The code rows carry on where the text stage stopped (the same row order, one epoch), so joint
     # training reads code it has not seen yet.
     code.batch = -(-tc.steps * tc.grad_accum * tc.batch_size // code.batch_size)
-    captions = run.loader(run.scenes, caption_rows, tc.seed + 7, whole_documents=True)
+    captions = run.scene_loader(caption_rows, tc.seed + 7)
 
     def evaluate(model):
         return {**run.code_eval(model), "caption_loss": run.caption_eval(model)["loss"]}
@@ -373,7 +387,7 @@ def run_stage(run: Run, stage: Stage) -> None:
         p.requires_grad_(name.startswith(stage.trainable))
     start = time.perf_counter()
     result = train(run.model, stage.config, stage.data, stage.loss, run.out, stage=stage.name,
-                   evaluate=stage.evaluate, checkpointer=run.checkpointer,
+                   evaluate=stage.evaluate, checkpointer=run.checkpointer_for(stage.name),
                    flops_per_token=run.flops_per_token if stage.decoder_rows else None, peak_flops=run.peak_flops)
     run.timings[stage.name] = time.perf_counter() - start
     run.results[stage.name] = {"loss": result.loss, **result.eval}
