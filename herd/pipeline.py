@@ -124,6 +124,9 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     main_rank = ctx is None or ctx.is_main
     if ctx is not None:
         recipes = distributed_recipes(recipes, main_rank)
+    elif cfg.train.bf16:
+        raise ValueError("--bf16 is FSDP2 mixed precision and applies under torchrun; one process trains in "
+                         "fp32 (drop --bf16, or use --fp8 for low-precision matmuls)")
     if main_rank:
         check_writable(out)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -157,10 +160,8 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
         metap_init_(model, tc.base_width, tc.base_depth)
     job = Run(cfg, out, tokenizer, model, train_docs, val_docs, peak)
     if ctx is not None:
-        from .distributed import parallelize
-
-        job.model = model = parallelize(model, ctx.mesh)
-        job.rank, job.world_size = ctx.rank, ctx.world_size
+        job.rank, job.world_size, job.mesh = ctx.rank, ctx.world_size, ctx.mesh
+        job.model = model = job.parallelize(model)
 
     # ---- stages; the pretrained model is kept as `base` before the first post-training stage
     base_saved = False

@@ -142,3 +142,31 @@ def test_two_processes_train_the_joint_stage_as_one_does(tmp_path):
     rank1 = PackedLoader(docs, seq_len=128, batch_size=1, pad_id=0, seed=seed + 7, rank=1, world_size=2,
                          whole_documents=True, tile_shape=(3, 64, 64))
     assert [next(rank1).pixel_values.shape[0] for _ in range(steps)] == [1, 0, 1, 0]
+
+
+def test_herd_train_distils_under_torchrun_with_a_sharded_teacher_in_bf16(tmp_path):
+    """`herd train --teacher=DIR --bf16` on 2 processes: the teacher is sharded like the student, the
+    distillation terms are logged, and the losses follow the one-process fp32 run at twice the batch
+    within bf16 rounding (close, not equal: bf16 really computed)."""
+    from herd.cli import main
+    from tests.test_distill import tokenizer_and_teacher
+
+    common = ["smoke", "--stages=text", "--code_bytes=100000", *tokenizer_and_teacher(tmp_path)]
+    assert main(["train", *common, "--batch_size=8", f"--out={tmp_path / 'single'}"]) == 0
+    run_two_processes("-m", "herd.cli", "train", *common, "--batch_size=4", "--bf16", f"--out={tmp_path / 'two'}")
+    single, two = train_records(tmp_path / "single"), train_records(tmp_path / "two")
+    assert single.keys() == two.keys()
+    for step in single:
+        for name in ("loss", "hard_loss", "soft_loss", "teacher_loss"):
+            assert two[step][name] == pytest.approx(single[step][name], rel=2e-2), (step, name)
+        assert two[step]["loss"] != single[step]["loss"]
+        assert two[step]["soft_weight"] == pytest.approx(0.9)
+    exported = herd.from_pretrained(tmp_path / "two" / "model")
+    assert all(p.dtype == torch.float32 for p in exported.parameters())  # fp32 master weights
+
+
+def test_bf16_without_torchrun_is_refused(tmp_path, capsys):
+    from herd.cli import main
+
+    assert main(["train", "smoke", "--bf16", f"--out={tmp_path}"]) == 2
+    assert "applies under torchrun" in capsys.readouterr().err

@@ -70,6 +70,7 @@ class TrainConfig:
     distill_temperature: float = 1.0
     train_teacher: bool = False  # codistillation proper: the teacher trains in the same run
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    bf16: bool = False  # under torchrun: FSDP2 gathers and computes in bf16; fp32 weights, states, reductions
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",

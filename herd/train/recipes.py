@@ -46,6 +46,7 @@ from .captions import ContrastivePairs
 from .config import RunConfig, TrainConfig
 from ..eval import LMEvaluator, token_byte_lengths
 from .difficulty import drop_easy, loss_difficulty, pass_rates
+from .distill import DistillationLoss, load_teacher
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
 from .post_losses import DPOLoss, PreferenceBatch, answer_rows
@@ -82,6 +83,7 @@ class Run:
     peak_flops: float  # measured matmul FLOP/s of this machine
     rank: int = 0
     world_size: int = 1
+    mesh: object = None  # the device mesh under torchrun (herd.distributed), else None
     results: dict[str, dict] = field(default_factory=dict)  # stage -> final loss and evaluation
     timings: dict[str, float] = field(default_factory=dict)
     estimates: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
@@ -110,6 +112,32 @@ class Run:
         every rank joins the same FSDP2 collectives."""
         tile = (self.vision.num_channels, self.vision.image_size, self.vision.image_size)
         return self.loader(self.scenes, batch_size, seed, whole_documents=True, tile_shape=tile)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Under torchrun, FSDP2 + expert parallelism over the run's mesh (bf16 compute with --bf16);
+        in one process the model as it is."""
+        if self.mesh is None:
+            return model
+        from ..distributed import parallelize
+
+        return parallelize(model, self.mesh, param_dtype=torch.bfloat16 if self.cfg.train.bf16 else None)
+
+    @cached_property
+    def teacher(self) -> nn.Module:
+        """The --teacher checkpoint (the student's tokenizer, checked), loaded once for every stage
+        that distils, and sharded like the model under torchrun."""
+        device = next(self.model.parameters()).device
+        return self.parallelize(load_teacher(self.cfg.train.teacher, self.model, device))
+
+    def lm_loss(self, images: bool = False):
+        """Next-token cross-entropy; with --teacher, the distillation loss (soft and hard targets)."""
+        tc = self.cfg.train
+        if not tc.teacher:
+            return causal_lm_loss
+        if images and self.teacher.vision is None:
+            raise ValueError(f"--teacher {tc.teacher} has no vision tower, so it cannot read the joint stage's "
+                             "image rows; distil the text stage only (--stages=text) or use a teacher with images")
+        return DistillationLoss.from_config(self.teacher, tc)
 
     def checkpointer_for(self, stage: str):
         """None for one process (the loop's Hugging Face-layout checkpoints); sharded ones under torchrun."""
@@ -223,7 +251,7 @@ def text(run: Run) -> Stage | None:
     tc = run.cfg.train
     if not tc.steps:
         return None
-    return Stage("text", tc, run.loader(run.train_docs, tc.batch_size, tc.seed), causal_lm_loss, TEXT_TOWER,
+    return Stage("text", tc, run.loader(run.train_docs, tc.batch_size, tc.seed), run.lm_loss(), TEXT_TOWER,
                  run.code_eval, decoder_rows=True)
 
 
@@ -250,8 +278,8 @@ def joint(run: Run) -> Stage | None:
     def evaluate(model):
         return {**run.code_eval(model), "caption_loss": run.caption_eval(model)["loss"]}
 
-    return Stage("joint", run.stage_config(cfg.joint_steps, cfg.joint_lr), Mixture(code, captions), causal_lm_loss,
-                 ("",), evaluate, decoder_rows=True, images=True)
+    return Stage("joint", run.stage_config(cfg.joint_steps, cfg.joint_lr), Mixture(code, captions),
+                 run.lm_loss(images=True), ("",), evaluate, decoder_rows=True, images=True)
 
 
 # ------------------------------------------------------------------------------------------------
