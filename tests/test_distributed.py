@@ -170,3 +170,14 @@ def test_bf16_without_torchrun_is_refused(tmp_path, capsys):
 
     assert main(["train", "smoke", "--bf16", f"--out={tmp_path}"]) == 2
     assert "applies under torchrun" in capsys.readouterr().err
+
+
+def test_which_stages_run_under_torchrun(capsys):
+    from herd.pipeline import distributed_recipes
+    from herd.train.recipes import RECIPES
+
+    named = [RECIPES[s] for s in ("contrastive", "text", "align", "joint")]
+    assert distributed_recipes(named, main_rank=True) == named[1:]
+    assert "skipping contrastive" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="sft.*do not run under torchrun"):
+        distributed_recipes(named + [RECIPES["sft"]], main_rank=True)
