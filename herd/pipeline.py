@@ -120,13 +120,15 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     recipes = [RECIPES[s] if isinstance(s, str) else s for s in stages]
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    ctx = init_distributed()  # None unless started by torchrun with several processes
+    ctx = init_distributed(cfg.train.expert_parallel)  # None unless started by torchrun with several processes
     main_rank = ctx is None or ctx.is_main
     if ctx is not None:
         recipes = distributed_recipes(recipes, main_rank)
     elif cfg.train.bf16:
         raise ValueError("--bf16 is FSDP2 mixed precision and applies under torchrun; one process trains in "
                          "fp32 (drop --bf16, or use --fp8 for low-precision matmuls)")
+    elif cfg.train.expert_parallel:
+        raise ValueError("--expert_parallel sizes the groups of a torchrun job's mesh; drop it in one process")
     if main_rank:
         check_writable(out)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))

@@ -24,16 +24,16 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 
 def torchrun(run_dir: Path, steps: int, kill_at: int = -1, *mode: str):
-    run_two_processes(str(WORKER), str(run_dir), str(steps), str(kill_at), *mode)
+    run_processes(str(WORKER), str(run_dir), str(steps), str(kill_at), *mode)
 
 
-def run_two_processes(*args: str):
-    """`torchrun --nproc_per_node=2 ARGS` on CPU (gloo), one thread per process."""
+def run_processes(*args: str, processes: int = 2):
+    """`torchrun --nproc_per_node=PROCESSES ARGS` on CPU (gloo), one thread per process."""
     repo = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     # --standalone: torchrun finds a free port itself (a port chosen here could be taken before it binds)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *args]
     # its own session, so that a hang is cleaned up whole (torchrun's workers included)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -128,7 +128,7 @@ def test_two_processes_train_the_joint_stage_as_one_does(tmp_path):
     steps, common = smoke().joint_steps, ["smoke", "--stages=joint", "--images=3", "--code_bytes=100000"]
     assert main(["train", *common, "--batch_size=8", f"--out={tmp_path / 'single'}"]) == 0
     tokenizer = tmp_path / "single" / "tokenizer"
-    run_two_processes("-m", "herd.cli", "train", *common, "--batch_size=4", f"--tokenizer={tokenizer}",
+    run_processes("-m", "herd.cli", "train", *common, "--batch_size=4", f"--tokenizer={tokenizer}",
                       f"--out={tmp_path / 'two'}")
     single, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "two")
     assert sorted(single) == sorted(two) == list(range(1, steps + 1))
@@ -153,7 +153,7 @@ def test_herd_train_distils_under_torchrun_with_a_sharded_teacher_in_bf16(tmp_pa
 
     common = ["smoke", "--stages=text", "--code_bytes=100000", *tokenizer_and_teacher(tmp_path)]
     assert main(["train", *common, "--batch_size=8", f"--out={tmp_path / 'single'}"]) == 0
-    run_two_processes("-m", "herd.cli", "train", *common, "--batch_size=4", "--bf16", f"--out={tmp_path / 'two'}")
+    run_processes("-m", "herd.cli", "train", *common, "--batch_size=4", "--bf16", f"--out={tmp_path / 'two'}")
     single, two = train_records(tmp_path / "single"), train_records(tmp_path / "two")
     assert single.keys() == two.keys()
     for step in single:
@@ -165,11 +165,13 @@ def test_herd_train_distils_under_torchrun_with_a_sharded_teacher_in_bf16(tmp_pa
     assert all(p.dtype == torch.float32 for p in exported.parameters())  # fp32 master weights
 
 
-def test_bf16_without_torchrun_is_refused(tmp_path, capsys):
+def test_mesh_settings_without_torchrun_are_refused(tmp_path, capsys):
     from herd.cli import main
 
     assert main(["train", "smoke", "--bf16", f"--out={tmp_path}"]) == 2
     assert "applies under torchrun" in capsys.readouterr().err
+    assert main(["train", "smoke", "--expert_parallel=2", f"--out={tmp_path}"]) == 2
+    assert "torchrun job's mesh" in capsys.readouterr().err
 
 
 def test_which_stages_run_under_torchrun(capsys):
@@ -181,3 +183,23 @@ def test_which_stages_run_under_torchrun(capsys):
     assert "skipping contrastive" in capsys.readouterr().out
     with pytest.raises(ValueError, match="sft.*do not run under torchrun"):
         distributed_recipes(named + [RECIPES["sft"]], main_rank=True)
+
+
+@pytest.mark.slow
+def test_four_processes_on_a_two_dimensional_mesh_match_one(tmp_path):
+    """2 data-parallel replicas x (FSDP + expert parallelism over 2 ranks): HSDP for the dense
+    weights, experts split inside each pair and their gradients all-reduced across the pairs; the
+    losses equal one process's on the same global batch (4 ranks x 2 rows), and so do the weights."""
+    steps = 4
+    reference = small_model()
+    train(reference, cfg(steps=steps, bias_rate=0.05), token_data(batch=8), labelled_loss, tmp_path / "single")
+    run_processes(str(WORKER), str(tmp_path / "dist"), str(steps), "-1", "2d", processes=4)
+    single, four = train_losses(tmp_path / "single"), train_losses(tmp_path / "dist")
+    for step in range(1, steps + 1):
+        assert four[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
+    exported = herd.from_pretrained(tmp_path / "dist" / "hf")
+    for m in reference.modules():
+        if hasattr(m, "selection_bias"):
+            m.selection_bias = None
+    ids = torch.randint(3, 60, (1, 12))
+    torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
