@@ -91,9 +91,11 @@ class ExpertParallel(nn.Module):
         perm = torch.cat([torch.arange(int(s), int(s) + int(n)) for s, n in zip(by_expert, lengths)]
                          ) if int(lengths.sum()) else torch.zeros(0, dtype=torch.long)
         perm = perm.to(x.device)
-        # fp32 shards, computed in the activations' dtype (bf16 under mixed precision)
-        gate_up, down = _ExpertGrads.apply(self.gate_up_proj.to_local().to(x.dtype),
-                                           self.down_proj.to_local().to(x.dtype), self.grad_scale, self.replicas)
+        # fp32 shards (their gradients scaled and reduced in fp32), computed in the activations' dtype
+        # (bf16 under mixed precision)
+        gate_up, down = _ExpertGrads.apply(self.gate_up_proj.to_local(), self.down_proj.to_local(),
+                                           self.grad_scale, self.replicas)
+        gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
         if perm.numel():
             out = grouped_swiglu(received[perm], recv.sum(0), gate_up, down)
         else:  # nothing routed here: stay in the graph (the backward all-to-all) and give the local
