@@ -1,6 +1,8 @@
 """FSDP2 + expert parallelism on 2 CPU processes (gloo) match one process on the same global
 batch (losses and the loss's metrics, with or without a frozen teacher sharded like the model), and
-a sharded checkpoint resumes exactly."""
+a sharded checkpoint resumes exactly; `herd train` under torchrun trains the joint stage (images per
+rank) as one process does and distils from a sharded teacher in bf16; a 2-D mesh (4 processes,
+slow) matches one process too."""
 
 import json
 import os
@@ -129,7 +131,7 @@ def test_two_processes_train_the_joint_stage_as_one_does(tmp_path):
     assert main(["train", *common, "--batch_size=8", f"--out={tmp_path / 'single'}"]) == 0
     tokenizer = tmp_path / "single" / "tokenizer"
     run_processes("-m", "herd.cli", "train", *common, "--batch_size=4", f"--tokenizer={tokenizer}",
-                      f"--out={tmp_path / 'two'}")
+                  f"--out={tmp_path / 'two'}")
     single, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "two")
     assert sorted(single) == sorted(two) == list(range(1, steps + 1))
     for step in single:
