@@ -146,6 +146,7 @@ def test_two_processes_train_the_joint_stage_as_one_does(tmp_path):
     assert [next(rank1).pixel_values.shape[0] for _ in range(steps)] == [1, 0, 1, 0]
 
 
+@pytest.mark.slow  # quick variants: test_distill's `herd train --teacher` in one process, the distill and bf16 tests above
 def test_herd_train_distils_under_torchrun_with_a_sharded_teacher_in_bf16(tmp_path):
     """`herd train --teacher=DIR --bf16` on 2 processes: the teacher is sharded like the student, the
     distillation terms are logged, and the losses follow the one-process fp32 run at twice the batch
