@@ -120,13 +120,15 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     recipes = [RECIPES[s] if isinstance(s, str) else s for s in stages]
     t0 = time.perf_counter()
     out = Path(cfg.out)
-    ctx = init_distributed()  # None unless started by torchrun with several processes
+    ctx = init_distributed(cfg.train.expert_parallel)  # None unless started by torchrun with several processes
     main_rank = ctx is None or ctx.is_main
-    if ctx is not None and recipes != [RECIPES["text"]]:
-        recipes = [RECIPES["text"]]
-        if main_rank:
-            print("distributed run: text pretraining only (FSDP2 + expert parallelism); run the vision "
-                  "stages in one process (--stages=contrastive,align,joint) from its checkpoint")
+    if ctx is not None:
+        recipes = distributed_recipes(recipes, main_rank)
+    elif cfg.train.bf16:
+        raise ValueError("--bf16 is FSDP2 mixed precision and applies under torchrun; one process trains in "
+                         "fp32 (drop --bf16, or use --fp8 for low-precision matmuls)")
+    elif cfg.train.expert_parallel:
+        raise ValueError("--expert_parallel sizes the groups of a torchrun job's mesh; drop it in one process")
     if main_rank:
         check_writable(out)
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -165,12 +167,8 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
             metap_init_(model, tc.base_width, tc.base_depth)
     job = Run(cfg, out, tokenizer, model, train_docs, val_docs, peak)
     if ctx is not None:
-        from .distributed import parallelize
-        from .distributed.checkpoint import ShardedCheckpointer
-
-        job.model = model = parallelize(model, ctx.mesh)
-        job.rank, job.world_size = ctx.rank, ctx.world_size
-        job.checkpointer = ShardedCheckpointer(out / "checkpoints" / "text", tc.keep_checkpoints)
+        job.rank, job.world_size, job.mesh = ctx.rank, ctx.world_size, ctx.mesh
+        job.model = model = job.parallelize(model)
 
     # ---- stages; the pretrained model is kept as `base` before the first post-training stage
     base_saved = False
@@ -239,6 +237,24 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     if ctx is not None:
         torch.distributed.destroy_process_group()
     return summary
+
+
+def distributed_recipes(recipes: list[Recipe], main_rank: bool) -> list[Recipe]:
+    """The stages a torchrun job runs: text, align and joint (FSDP2 + expert parallelism, each rank
+    its own rows and their images). Contrastive pretraining is skipped: its in-batch negatives would
+    need every rank's embeddings gathered, and its heads (in the loss, outside FSDP) their gradients
+    reduced. Post-training stages are refused."""
+    from .train.recipes import RECIPES
+
+    supported = [RECIPES[name] for name in ("text", "align", "joint")]
+    post = [r for r in recipes if r not in supported and r is not RECIPES["contrastive"]]
+    if post:
+        raise ValueError(f"stage(s) {', '.join(getattr(r, '__name__', str(r)) for r in post)} do not run under "
+                         "torchrun (text, align and joint do); run them in one process, without torchrun")
+    if RECIPES["contrastive"] in recipes and main_rank:
+        print("distributed run: skipping contrastive pretraining (its in-batch negatives are per process); "
+              "the vision encoder starts from its initialisation")
+    return [r for r in recipes if r in supported]
 
 
 def save_plain(model: Llama4, path: Path) -> None:

@@ -2,7 +2,7 @@
 FSDP2 + expert parallelism on every rank, sharded checkpoints. Usage:
     torchrun --nproc_per_node=2 tests/distributed_worker.py RUN_DIR STEPS KILL_AT [distill]
 `distill`: the student learns from a frozen teacher, parallelised like the model; `bf16`: bf16
-parameters in compute, fp32 reductions."""
+parameters in compute, fp32 reductions; `2d`: a ("dp", "ep") mesh with expert-parallel groups of 2."""
 
 import sys
 from pathlib import Path
@@ -27,7 +27,7 @@ def distill_teacher():
 
 def main():
     run_dir, steps, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    ctx = init_distributed()
+    ctx = init_distributed(expert_parallel=2 if sys.argv[4:] == ["2d"] else 0)
     model = parallelize(small_model(), ctx.mesh, param_dtype=torch.bfloat16 if sys.argv[4:] == ["bf16"] else None)
     loss = labelled_loss
     if sys.argv[4:] == ["distill"]:

@@ -123,3 +123,69 @@ def test_distillation_through_the_loop(tmp_path):
     state = torch.load(tmp_path / "codistill" / "checkpoints" / "train" / "step_000004" / "trainer.pt",
                        weights_only=False)
     assert any(k.startswith("teacher.") for k in state["loss_fn"])
+
+
+def tokenizer_and_teacher(folder) -> tuple[str, str]:
+    """A small tokenizer (folder/tok) and a `tiny` teacher with its vocabulary (folder/teacher)."""
+    from herd.data.corpora import stdlib_texts
+    from herd.model import Llama4
+    from herd.pipeline import model_config_for
+    from herd.tokenizer import Tokenizer, train_tokenizer
+
+    train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=100_000)], num_bpe_ranks=300).save(folder / "tok")
+    torch.manual_seed(1)
+    save_pretrained(Llama4(model_config_for("tiny", Tokenizer.from_dir(folder / "tok"))), folder / "teacher")
+    return f"--tokenizer={folder / 'tok'}", f"--teacher={folder / 'teacher'}"
+
+
+def test_herd_train_distils_text_and_joint_from_a_teacher_checkpoint(tmp_path):
+    """`herd train --teacher=DIR`: the text and joint stages learn from the teacher's distribution
+    (the terms are logged), and the teacher is neither optimised nor written into checkpoints."""
+    from herd.cli import main
+    from herd.train.recipes import TEXT_TOWER
+
+    options = tokenizer_and_teacher(tmp_path)
+    teacher_files = {p.name: p.read_bytes() for p in (tmp_path / "teacher").iterdir()}
+    out = tmp_path / "run"
+    assert main(["train", "smoke", "--stages=text,joint", "--images=3", "--code_bytes=100000",
+                 *options, f"--out={out}"]) == 0
+
+    logged = records(out)
+    assert {r["stage"] for r in logged} == {"text", "joint"}
+    for r in logged:
+        assert r["soft_weight"] == pytest.approx(0.9)  # the default: a fixed weight on the soft target
+        assert all(math.isfinite(r[k]) for k in ("hard_loss", "soft_loss", "teacher_confidence", "teacher_loss"))
+    assert {p.name: p.read_bytes() for p in (tmp_path / "teacher").iterdir()} == teacher_files
+    for stage, trainable in (("text", TEXT_TOWER), ("joint", ("",))):
+        ckpt = max((out / "checkpoints" / stage).glob("step_*"))
+        state = torch.load(ckpt / "trainer.pt", weights_only=False)
+        student = herd.from_pretrained(ckpt / "model")
+        learning = [n for n, _ in student.named_parameters() if n.startswith(trainable)]
+        assert "loss_fn" not in state and len(state["optimizer"]["state"]) == len(learning), stage
+        # the teacher has the student's shape: the same tensor names, nothing of the teacher's added
+        assert sorted(safe_open_keys(ckpt / "model")) == sorted(safe_open_keys(tmp_path / "teacher")), stage
+
+
+def safe_open_keys(folder) -> list[str]:
+    from safetensors import safe_open
+
+    keys = []
+    for f in folder.glob("*.safetensors"):
+        with safe_open(f, "pt") as file:
+            keys += list(file.keys())
+    return keys
+
+
+def test_joint_distillation_needs_a_teacher_that_reads_images(tmp_path):
+    import dataclasses
+
+    from herd.train.config import smoke
+    from herd.train.recipes import Run
+
+    save_pretrained(small_model(seed=1), tmp_path / "teacher")  # text only
+    cfg = smoke()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, teacher=str(tmp_path / "teacher")))
+    run = Run(cfg, tmp_path, None, small_model(), [], [], 1.0)
+    assert isinstance(run.lm_loss(), DistillationLoss)
+    with pytest.raises(ValueError, match="no vision tower"):
+        run.lm_loss(images=True)

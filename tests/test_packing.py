@@ -303,3 +303,29 @@ def test_batches_run_through_the_tiny_model(tok):
     loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), batch.labels.flatten(),
                                              ignore_index=IGNORE)
     assert out.logits.shape == (2, 128, tok.vocab_size) and torch.isfinite(loss)
+
+
+def test_a_batch_without_images_can_still_run_the_vision_tower(tok):
+    """With `tile_shape`, a batch that holds no image carries empty pixel_values, which the model
+    takes as no image at all: the same logits, and zero (not missing) vision gradients, so every
+    data-parallel rank runs the same FSDP2 collectives whether or not its rows hold an image."""
+    import dataclasses
+
+    from herd.model import Llama4
+    from herd.presets import tiny
+
+    cfg = tiny()
+    cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, vocab_size=tok.vocab_size),
+                              image_token_index=tok.patch_id)
+    docs = [text_document("print('hello')\n" * 20, tok)]
+    plain = next(PackedLoader(docs, seq_len=64, batch_size=2, pad_id=tok.pad_id, seed=0))
+    with_tiles = next(PackedLoader(docs, seq_len=64, batch_size=2, pad_id=tok.pad_id, seed=0,
+                                   tile_shape=(3, 64, 64)))
+    assert plain.pixel_values is None and with_tiles.pixel_values.shape == (0, 3, 64, 64)
+    torch.manual_seed(0)
+    model = Llama4(cfg)
+    out = model(with_tiles.input_ids, pixel_values=with_tiles.pixel_values, targets=with_tiles.labels)
+    torch.testing.assert_close(out.loss_sum, model(plain.input_ids, targets=plain.labels).loss_sum)
+    out.loss_sum.backward()
+    vision_grads = [p.grad for p in model.vision.parameters()]
+    assert all(g is not None and not g.any() for g in vision_grads)

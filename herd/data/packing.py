@@ -17,7 +17,9 @@ Per token, a `Batch` carries (B rows, T = seq_len):
   inside a piece: pieces of different documents never see each other;
 - `position_ids` [B, T]: restart at 0 at the start of every piece;
 - `pixel_values` [N, 3, S, S]: the tiles of every image in the batch, in the order of their
-  `<|patch|>` ids reading the rows in order (or None without images).
+  `<|patch|>` ids reading the rows in order (or None without images; with `tile_shape`, an empty
+  [0, 3, S, S] instead, so that every data-parallel rank runs the vision tower each step: under
+  FSDP2 its weights are gathered with collectives that all ranks must join).
 
 Every token of every document is an input exactly once per epoch. For data parallelism each
 global batch of world_size * B rows is split into contiguous blocks of B rows, one per rank, and
@@ -120,7 +122,8 @@ class PackedLoader:
 
     def __init__(self, documents: Sequence[Document], *, seq_len: int, batch_size: int, pad_id: int,
                  seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
-                 num_epochs: int | None = None, whole_documents: bool = False):
+                 num_epochs: int | None = None, whole_documents: bool = False,
+                 tile_shape: tuple[int, int, int] | None = None):
         if not documents:
             raise ValueError("PackedLoader needs at least one document")
         if seq_len < 2 or batch_size < 1:
@@ -137,6 +140,7 @@ class PackedLoader:
         self.shuffle = shuffle
         self.num_epochs = num_epochs
         self.whole_documents = whole_documents
+        self.tile_shape = tile_shape  # (C, S, S): batches without images carry empty pixel_values
         self.epoch = 0
         self.batch = 0  # the next batch of this epoch to yield
         self._rows_epoch: int | None = None
@@ -203,6 +207,8 @@ class PackedLoader:
                     pixels = doc.pixels()
                     tiles += [pixels[s.first_tile:s.first_tile + s.num_tiles] for s in spans]
                 fill += n
+        if not tiles and self.tile_shape is not None:
+            tiles = [torch.zeros(0, *self.tile_shape)]
         return Batch(torch.from_numpy(inputs), torch.from_numpy(targets), torch.from_numpy(positions),
                      torch.from_numpy(doc_ids), torch.cat(tiles) if tiles else None)
 

@@ -18,6 +18,11 @@ The local expert weights are the rank's Shard(0) of a DTensor over the mesh, so 
 gradient clipping see the whole tensor. Their gradients arrive summed over every rank's tokens,
 while FSDP *averages* the other gradients over ranks; the training loop undoes the average, so the
 expert gradients are divided by the world size here to match.
+
+On a 2-D mesh ("dp", "ep") the experts are split over the "ep" ranks of each group (the all-to-alls
+stay inside the group) and replicated across the "dp" groups (DTensor placements [Replicate(),
+Shard(0)]): each replica's gradient covers its own group's tokens, so backward all-reduces it over
+"dp" (one collective per layer for both weights), which gives the sum over every rank's tokens.
 """
 
 from __future__ import annotations
@@ -27,35 +32,47 @@ import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Shard, distribute_tensor
+from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from ..model.moe import Experts, MoE, grouped_swiglu
 
 
-class _ScaleGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return x.view_as(x)
+class _ExpertGrads(torch.autograd.Function):
+    """Identity on the two local weights; in backward their gradients times `scale`, summed over the
+    replicas' `group` when there is one (a 2-D mesh)."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return grad * ctx.scale, None
+    def forward(ctx, gate_up, down, scale, group):
+        ctx.scale, ctx.group = scale, group
+        return gate_up.view_as(gate_up), down.view_as(down)
+
+    @staticmethod
+    def backward(ctx, grad_gate_up, grad_down):
+        grads = [grad_gate_up * ctx.scale, grad_down * ctx.scale]
+        if ctx.group is not None:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat, group=ctx.group)
+            grads = [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+        return grads[0], grads[1], None, None
 
 
 class ExpertParallel(nn.Module):
     def __init__(self, experts: Experts, mesh: DeviceMesh):
         super().__init__()
-        self.group = mesh.get_group()
-        self.world = mesh.size()
+        two_d = mesh.ndim == 2
+        self.group = mesh.get_group("ep") if two_d else mesh.get_group()  # the all-to-all ranks
+        self.replicas = mesh.get_group("dp") if two_d else None
+        self.world = mesh["ep"].size() if two_d else mesh.size()
+        self.grad_scale = 1.0 / mesh.size()  # FSDP's average is over every rank
         self.num_experts = experts.gate_up_proj.shape[0]
         if self.num_experts % self.world:
             raise ValueError(f"expert parallelism needs num_local_experts ({self.num_experts}) to be a multiple "
-                             f"of the number of ranks ({self.world})")
+                             f"of the number of expert-parallel ranks ({self.world})")
         self.local = self.num_experts // self.world
-        # Each rank keeps only its Shard(0): experts [rank*local, (rank+1)*local).
-        self.gate_up_proj = nn.Parameter(distribute_tensor(experts.gate_up_proj.detach(), mesh, [Shard(0)]))
-        self.down_proj = nn.Parameter(distribute_tensor(experts.down_proj.detach(), mesh, [Shard(0)]))
+        # Each rank keeps only its Shard(0): experts [rank*local, (rank+1)*local) of its group.
+        placements = [Replicate(), Shard(0)] if two_d else [Shard(0)]
+        self.gate_up_proj = nn.Parameter(distribute_tensor(experts.gate_up_proj.detach(), mesh, placements))
+        self.down_proj = nn.Parameter(distribute_tensor(experts.down_proj.detach(), mesh, placements))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [N, D] sorted by (global) expert, counts [E] -> [N, D] in the same order."""
@@ -74,9 +91,11 @@ class ExpertParallel(nn.Module):
         perm = torch.cat([torch.arange(int(s), int(s) + int(n)) for s, n in zip(by_expert, lengths)]
                          ) if int(lengths.sum()) else torch.zeros(0, dtype=torch.long)
         perm = perm.to(x.device)
-        # fp32 shards, computed in the activations' dtype (bf16 under mixed precision)
-        gate_up = _ScaleGrad.apply(self.gate_up_proj.to_local().to(x.dtype), 1.0 / W)
-        down = _ScaleGrad.apply(self.down_proj.to_local().to(x.dtype), 1.0 / W)
+        # fp32 shards (their gradients scaled and reduced in fp32), computed in the activations' dtype
+        # (bf16 under mixed precision)
+        gate_up, down = _ExpertGrads.apply(self.gate_up_proj.to_local(), self.down_proj.to_local(),
+                                           self.grad_scale, self.replicas)
+        gate_up, down = gate_up.to(x.dtype), down.to(x.dtype)
         if perm.numel():
             out = grouped_swiglu(received[perm], recv.sum(0), gate_up, down)
         else:  # nothing routed here: stay in the graph (the backward all-to-all) and give the local

@@ -4,6 +4,9 @@ FSDP2 (`fully_shard`) shards every parameter's dim 0 over the mesh and gathers a
 just before its forward and backward. Each decoder layer and vision layer is its own unit, so only
 one block is ever gathered at a time; the root unit holds the embeddings, final norm and lm_head.
 The experts are already split by expert parallelism and are left out of FSDP (`ignored_params`).
+On a 2-D mesh ("dp", "ep") `fully_shard` is HSDP: each weight is sharded over the "ep" ranks of a
+group and replicated across groups, its gradient reduce-scattered in the group and all-reduced
+across groups.
 
 `param_dtype=torch.bfloat16` is mixed precision the FSDP2 way: the sharded parameters, gradients
 and optimiser states stay fp32; each block's weights are gathered and computed in bf16, and the

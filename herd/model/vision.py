@@ -24,12 +24,12 @@ class VisionAttention(nn.Module):
         self.v_proj, self.o_proj = nn.Linear(D, D), nn.Linear(D, D)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        N, L, _ = x.shape
+        N, L, D = x.shape
         q = apply_rope(self.q_proj(x).view(N, L, self.n_heads, self.head_dim), *rope)
         k = apply_rope(self.k_proj(x).view(N, L, self.n_heads, self.head_dim), *rope)
         v = self.v_proj(x).view(N, L, self.n_heads, self.head_dim)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        return self.o_proj(out.transpose(1, 2).reshape(N, L, -1))  # bidirectional: no mask
+        return self.o_proj(out.transpose(1, 2).reshape(N, L, D))  # bidirectional: no mask
 
 
 class VisionMLP(nn.Module):

@@ -69,6 +69,8 @@ class TrainConfig:
     distill_temperature: float = 1.0
     train_teacher: bool = False  # codistillation proper: the teacher trains in the same run
     activation_checkpointing: bool = False  # recompute each block's activations in backward
+    bf16: bool = False  # under torchrun: FSDP2 gathers and computes in bf16; fp32 weights, states, reductions
+    expert_parallel: int = 0  # under torchrun: ranks per FSDP + expert-parallel group (0 = all; fewer = 2-D mesh)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
@@ -88,6 +90,8 @@ class TrainConfig:
         if self.sync_inference_every < 0:
             raise ValueError(f"sync_inference_every must be >= 0 (0 = no inference copy), "
                              f"got {self.sync_inference_every}")
+        if self.expert_parallel < 0:
+            raise ValueError(f"expert_parallel must be >= 0 (0 = every rank), got {self.expert_parallel}")
         if self.grad_clip < 0:
             raise ValueError(f"grad_clip must be >= 0 (0 disables clipping), got {self.grad_clip}")
         _check_choice("schedule", self.schedule, Schedule)

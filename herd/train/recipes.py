@@ -49,6 +49,7 @@ from .captions import ContrastivePairs
 from .config import RunConfig, TrainConfig
 from ..eval import LMEvaluator, token_byte_lengths
 from .difficulty import drop_easy, loss_difficulty, pass_rates
+from .distill import DistillationLoss, load_teacher
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
 from .online_rl import OnlineRollouts
@@ -86,7 +87,7 @@ class Run:
     peak_flops: float  # measured matmul FLOP/s of this machine
     rank: int = 0
     world_size: int = 1
-    checkpointer: object = None  # None: the loop's local Hugging Face-layout checkpoints
+    mesh: object = None  # the device mesh under torchrun (herd.distributed), else None
     results: dict[str, dict] = field(default_factory=dict)  # stage -> final loss and evaluation
     timings: dict[str, float] = field(default_factory=dict)
     estimates: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
@@ -108,6 +109,47 @@ class Run:
         """This rank's loader over `docs` at the run's sequence length."""
         return PackedLoader(docs, seq_len=self.cfg.train.seq_len, batch_size=batch_size, pad_id=self.tokenizer.pad_id,
                             seed=seed, rank=self.rank, world_size=self.world_size, **kw)
+
+    def scene_loader(self, batch_size: int, seed: int) -> PackedLoader:
+        """This rank's captioned-scene rows, each caption with its image. A batch without an image
+        (a padding batch at the end of an epoch) still runs the vision tower, on zero tiles, so that
+        every rank joins the same FSDP2 collectives."""
+        tile = (self.vision.num_channels, self.vision.image_size, self.vision.image_size)
+        return self.loader(self.scenes, batch_size, seed, whole_documents=True, tile_shape=tile)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        """Under torchrun, FSDP2 + expert parallelism over the run's mesh (bf16 compute with --bf16);
+        in one process the model as it is."""
+        if self.mesh is None:
+            return model
+        from ..distributed import parallelize
+
+        return parallelize(model, self.mesh, param_dtype=torch.bfloat16 if self.cfg.train.bf16 else None)
+
+    @cached_property
+    def teacher(self) -> nn.Module:
+        """The --teacher checkpoint (the student's tokenizer, checked), loaded once for every stage
+        that distils, and sharded like the model under torchrun."""
+        device = next(self.model.parameters()).device
+        return self.parallelize(load_teacher(self.cfg.train.teacher, self.model, device))
+
+    def lm_loss(self, images: bool = False):
+        """Next-token cross-entropy; with --teacher, the distillation loss (soft and hard targets)."""
+        tc = self.cfg.train
+        if not tc.teacher:
+            return causal_lm_loss
+        if images and self.teacher.vision is None:
+            raise ValueError(f"--teacher {tc.teacher} has no vision tower, so it cannot read the joint stage's "
+                             "image rows; distil the text stage only (--stages=text) or use a teacher with images")
+        return DistillationLoss.from_config(self.teacher, tc)
+
+    def checkpointer_for(self, stage: str):
+        """None for one process (the loop's Hugging Face-layout checkpoints); sharded ones under torchrun."""
+        if self.world_size == 1:
+            return None
+        from ..distributed.checkpoint import ShardedCheckpointer
+
+        return ShardedCheckpointer(self.out / "checkpoints" / stage, self.cfg.train.keep_checkpoints)
 
     @cached_property
     def flops_per_token(self) -> float:
@@ -213,7 +255,7 @@ def text(run: Run) -> Stage | None:
     tc = run.cfg.train
     if not tc.steps:
         return None
-    return Stage("text", tc, run.loader(run.train_docs, tc.batch_size, tc.seed), causal_lm_loss, TEXT_TOWER,
+    return Stage("text", tc, run.loader(run.train_docs, tc.batch_size, tc.seed), run.lm_loss(), TEXT_TOWER,
                  run.code_eval, decoder_rows=True)
 
 
@@ -222,7 +264,7 @@ def align(run: Run) -> Stage | None:
     if run.vision is None or not cfg.align_steps:
         return None
     return Stage("align", run.stage_config(cfg.align_steps, cfg.align_lr, balance="none"),
-                 run.loader(run.scenes, cfg.train.batch_size, cfg.train.seed, whole_documents=True),
+                 run.scene_loader(cfg.train.batch_size, cfg.train.seed),
                  causal_lm_loss, ("vision.", "projector."), run.caption_eval, images=True)
 
 
@@ -235,13 +277,13 @@ def joint(run: Run) -> Stage | None:
     # The code rows carry on where the text stage stopped (the same row order, one epoch), so joint
     # training reads code it has not seen yet.
     code.batch = -(-tc.steps * tc.grad_accum * tc.batch_size // code.batch_size)
-    captions = run.loader(run.scenes, caption_rows, tc.seed + 7, whole_documents=True)
+    captions = run.scene_loader(caption_rows, tc.seed + 7)
 
     def evaluate(model):
         return {**run.code_eval(model), "caption_loss": run.caption_eval(model)["loss"]}
 
-    return Stage("joint", run.stage_config(cfg.joint_steps, cfg.joint_lr), Mixture(code, captions), causal_lm_loss,
-                 ("",), evaluate, decoder_rows=True, images=True)
+    return Stage("joint", run.stage_config(cfg.joint_steps, cfg.joint_lr), Mixture(code, captions),
+                 run.lm_loss(images=True), ("",), evaluate, decoder_rows=True, images=True)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -419,7 +461,7 @@ def run_stage(run: Run, stage: Stage) -> None:
         p.requires_grad_(name.startswith(stage.trainable))
     start = time.perf_counter()
     result = train(run.model, stage.config, stage.data, stage.loss, run.out, stage=stage.name,
-                   evaluate=stage.evaluate, checkpointer=run.checkpointer,
+                   evaluate=stage.evaluate, checkpointer=run.checkpointer_for(stage.name),
                    flops_per_token=run.flops_per_token if stage.decoder_rows else None, peak_flops=run.peak_flops)
     run.timings[stage.name] = time.perf_counter() - start
     run.results[stage.name] = {"loss": result.loss, **result.eval}
