@@ -6,7 +6,7 @@ Sections (each also a module of this package):
     position     cumulative average NLL by position past the training length, power-law fit
     needle       needle-in-a-haystack grid, exact match and likelihood, effective length
     speed        prefill and decode tokens/s of herd's engine on this machine
-    tasks        pass@1 / pass@k of verifiable tasks, when `run_eval` is given tasks
+    tasks        pass@1 / pass@k on held-out problems of herd's verifiable tasks (herd.tasks)
 
 `--transformers` evaluates a checkpoint that only `transformers` loads, as a baseline, through the
 same perplexity and NLL-by-position code (the sections that need herd's engine are skipped).
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SECTIONS = ("perplexity", "position", "needle", "speed")
+SECTIONS = ("perplexity", "position", "needle", "tasks", "speed")
 HERD_ONLY = ("needle", "speed", "tasks")  # need herd's tokenizer and engine
 
 
@@ -47,6 +47,10 @@ class EvalConfig:
     needle_trials: int = 2
     distractors: int = 4
     threshold: float = 0.5  # effective length: mean accuracy over depths at least this
+    tasks: tuple[str, ...] = ("letters", "arithmetic", "scenes")  # herd.tasks; scenes only with a vision tower
+    task_problems: int = 16  # held-out problems per task
+    task_samples: int = 4  # sampled answers per problem: pass@1 and pass@task_samples
+    task_tokens: int = 64  # longest answer
     speed_prompt: int = 512
     speed_new: int = 32
 
@@ -54,7 +58,7 @@ class EvalConfig:
 def quick(cfg: EvalConfig) -> EvalConfig:
     """Seconds on a tiny model: fewer files, a smaller grid, a short speed run."""
     return dataclasses.replace(cfg, text_bytes=20_000, nll_files=2, needle_depths=(0.0, 0.5, 1.0), needle_trials=1,
-                               speed_prompt=64, speed_new=8)
+                               task_problems=4, task_samples=2, task_tokens=24, speed_prompt=64, speed_new=8)
 
 
 @dataclass
@@ -183,9 +187,21 @@ def output_folder(cfg: EvalConfig) -> Path:
     return Path(cfg.out) if cfg.out else Path(cfg.model).resolve().parent / "eval"
 
 
+def _tasks(cfg: EvalConfig, loaded: Loaded, tasks: Sequence | None) -> dict:
+    from .tasks import held_out, score_tasks
+
+    skipped = {}
+    if tasks is None:
+        tasks, skipped = held_out(cfg.tasks, cfg.task_problems, loaded.model.config.vision is not None)
+    scores = score_tasks(loaded.model, loaded.tokenizer, tasks, samples=cfg.task_samples,
+                         ks=sorted({1, cfg.task_samples}), max_new_tokens=cfg.task_tokens)
+    return {"kinds": scores, "skipped": skipped, "max_new_tokens": cfg.task_tokens}
+
+
 def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
     """Runs the sections, writes results.json, the figures and report.md; returns the results.
-    `tasks` (objects with `prompt` and `check`, see herd.eval.tasks) adds the tasks section."""
+    `tasks` (objects with `prompt` and `check`, see herd.eval.tasks) replaces herd's held-out
+    problems in the tasks section (and runs it)."""
     from ..data.corpora import stdlib_texts
     from .report import write_report
 
@@ -217,9 +233,7 @@ def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
             elif section == "needle":
                 results[section] = _needle(cfg, loaded, heldout, train_len, out)
             elif section == "tasks":
-                from .tasks import score_tasks
-
-                results[section] = score_tasks(loaded.model, loaded.tokenizer, tasks)
+                results[section] = _tasks(cfg, loaded, tasks)
             elif section == "speed":
                 from ..inference import prepare_for_decoding
                 from .speed import measure_speed
@@ -265,6 +279,8 @@ def _eval_cmd(args: argparse.Namespace) -> int:
         eff = results["needle"]["effective_length"]
         print(f"needle effective length (>= {eff['threshold']:.0%}): exact match {eff['exact_match']}, "
               f"likelihood {eff['likelihood_top1']}")
+    for name, kind in results.get("tasks", {}).get("kinds", {}).items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.0%}" for k, v in kind.items() if k.startswith("pass@")))
     if "speed" in results:
         s = results["speed"]
         print(f"speed: prefill {s['prefill_tokens_per_s']:.0f} tokens/s, decode {s['decode_tokens_per_s']:.1f} tokens/s")
@@ -273,7 +289,7 @@ def _eval_cmd(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint: bits/byte, NLL by position, needle, speed",
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint: bits/byte, NLL by position, needle, tasks, speed",
                               description="Writes report.md, results.json and PNG figures into --out.")
     p.add_argument("model", help="checkpoint directory (HF layout: config.json, safetensors, tokenizer.json)")
     p.add_argument("--out", help="output folder (default: eval/ beside the model folder)")
@@ -293,6 +309,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--needle-trials", dest="needle_trials", type=int)
     p.add_argument("--distractors", type=int)
     p.add_argument("--threshold", type=float)
+    p.add_argument("--tasks", type=_numbers(str), help="herd's verifiable tasks to score (letters,arithmetic,scenes)")
+    p.add_argument("--task-problems", dest="task_problems", type=int, help="held-out problems per task")
+    p.add_argument("--task-samples", dest="task_samples", type=int, help="sampled answers per problem (pass@k)")
+    p.add_argument("--task-tokens", dest="task_tokens", type=int, help="longest answer in tokens")
     p.add_argument("--speed-prompt", dest="speed_prompt", type=int)
     p.add_argument("--speed-new", dest="speed_new", type=int)
     p.add_argument("--quick", action="store_true", help="a small grid and few files: seconds on a tiny model")
