@@ -235,14 +235,16 @@ def test_held_out_problems_are_checked_by_their_tasks():
     from herd.tasks import get_task
     from herd.tasks.base import in_split
 
-    problems, skipped = held_out(["letters", "arithmetic", "scenes"], 3, vision=False)
-    assert set(skipped) == {"scenes"} and [h.kind for h in problems] == ["letters"] * 3 + ["arithmetic"] * 3
+    problems, skipped = held_out(["letters", "arithmetic", "scenes", "clips"], 3, vision=False)
+    assert set(skipped) == {"scenes", "clips"} and [h.kind for h in problems] == ["letters"] * 3 + ["arithmetic"] * 3
     for h in problems:
         assert in_split(h.problem.key, "test", get_task(h.kind).test_fraction)  # never a training problem
         assert h.prompt == h.problem.messages()
         assert h.check(h.problem.worked) and not h.check("Answer: -12345") and not h.check("no answer line")
-    scenes, skipped = held_out(["scenes"], 2, vision=True)
-    assert not skipped and all(h.prompt[0]["content"][0]["type"] == "image" for h in scenes)
+    shown, skipped = held_out(["scenes", "clips"], 2, vision=True)
+    assert not skipped and [h.kind for h in shown] == ["scenes"] * 2 + ["clips"] * 2
+    assert [[part["type"] for part in h.prompt[0]["content"]] for h in shown] == [
+        ["image", "text"], ["image", "text"], ["video", "text"], ["image", "image", "text"]]  # clips: levels in turn
 
 
 def test_score_tasks_on_held_out_problems_with_an_oracle(model, tokenizer, monkeypatch):
@@ -280,7 +282,7 @@ def test_herd_eval_writes_report_results_and_figures(run_dir, tmp_path, capsys):
     assert r["position"]["length"] == 160 and len(r["position"]["nll"]) == 159 and 0 <= r["position"]["fit"]["r2"] <= 1
     assert r["needle"]["lengths"] == [48, 64, 128] and np.array(r["needle"]["exact_match"]).shape == (3, 3)
     assert r["speed"]["decode_tokens_per_s"] > 0
-    assert set(r["tasks"]["kinds"]) == {"letters", "arithmetic"} and set(r["tasks"]["skipped"]) == {"scenes"}
+    assert set(r["tasks"]["kinds"]) == {"letters", "arithmetic"} and set(r["tasks"]["skipped"]) == {"scenes", "clips"}
     assert all(k["tasks"] == 4 and k["samples"] == 2 and 0 <= k["pass@1"] <= k["pass@2"] <= 1
                for k in r["tasks"]["kinds"].values())
     report = (out / "report.md").read_text()

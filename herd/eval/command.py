@@ -47,7 +47,7 @@ class EvalConfig:
     needle_trials: int = 2
     distractors: int = 4
     threshold: float = 0.5  # effective length: mean accuracy over depths at least this
-    tasks: tuple[str, ...] = ("letters", "arithmetic", "scenes")  # herd.tasks; scenes only with a vision tower
+    tasks: tuple[str, ...] = ("letters", "arithmetic", "scenes", "clips")  # herd.tasks; images only with a vision tower
     task_problems: int = 16  # held-out problems per task
     task_samples: int = 4  # sampled answers per problem: pass@1 and pass@task_samples
     task_tokens: int = 64  # longest answer
@@ -309,7 +309,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--needle-trials", dest="needle_trials", type=int)
     p.add_argument("--distractors", type=int)
     p.add_argument("--threshold", type=float)
-    p.add_argument("--tasks", type=_numbers(str), help="herd's verifiable tasks to score (letters,arithmetic,scenes)")
+    p.add_argument("--tasks", type=_numbers(str), help="herd's verifiable tasks to score (letters,arithmetic,scenes,clips)")
     p.add_argument("--task-problems", dest="task_problems", type=int, help="held-out problems per task")
     p.add_argument("--task-samples", dest="task_samples", type=int, help="sampled answers per problem (pass@k)")
     p.add_argument("--task-tokens", dest="task_tokens", type=int, help="longest answer in tokens")

@@ -53,12 +53,12 @@ class HeldOut:
 
 def held_out(names: Sequence[str], count: int, vision: bool) -> tuple[list[HeldOut], dict[str, str]]:
     """`count` test-split problems of each named task (levels in turn), and the tasks left out with
-    why: the image tasks when the model has no vision tower."""
+    why: the image tasks (scenes, clips) when the model has no vision tower."""
     problems, skipped = [], {}
     for name in names:
         task = get_task(name)
-        if name == "scenes" and not vision:
-            skipped[name] = "its questions are about an image and the model has no vision tower"
+        if task.vision and not vision:
+            skipped[name] = "its questions are about images and the model has no vision tower"
             continue
         problems += [HeldOut(p) for p in task.problems("test", count)]
     return problems, skipped
