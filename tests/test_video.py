@@ -132,3 +132,41 @@ def test_herd_eval_scores_image_and_clip_tasks_on_a_vision_model(tok, tmp_path):
     assert all(k["tasks"] == 2 and 0 <= k["pass@1"] <= k["pass@2"] <= 1 for k in kinds.values())
     assert "| clips | 2 | 2 |" in (tmp_path / "eval" / "report.md").read_text()
     assert json.loads((tmp_path / "eval" / "results.json").read_text())["tasks"]["kinds"]["clips"]["tasks"] == 2
+
+
+def test_several_images_and_frames_lay_out_as_transformers_llama4_processor_does(tok, tmp_path):
+    """transformers' Llama4Processor (with herd's tiling standing in for its image processor, which
+    needs torchvision; tiling itself is checked in test_images) replaces the chat's `<|image|>`s with
+    each image's layout in order. herd's chat of two images and a video gives the same ids, the
+    video as its frames (Llama 4's processor takes no video: frames go in as images)."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+    from transformers.models.llama4.processing_llama4 import Llama4Processor
+
+    herd_proc = ImageProcessor(tile_size=32, patch_size=8, max_tiles=4)
+
+    class HerdTiling(BaseImageProcessor):
+        model_input_names = ["pixel_values"]
+
+        def __call__(self, images, **kwargs):
+            done = [herd_proc(im) for im in images]
+            return BatchFeature({"pixel_values": torch.cat([d.pixel_values for d in done]),
+                                 "aspect_ratios": [(d.rows, d.cols) for d in done]})
+
+    tok.save(tmp_path / "tok")
+    processor = Llama4Processor(image_processor=HerdTiling(), patch_size=8,
+                                tokenizer=transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "tok"))
+    wide, tall, frames = Image.new("RGB", (64, 32), (200, 0, 0)), Image.new("RGB", (20, 60), (0, 0, 200)), _solid(5)
+    picked = [frames[i] for i in frame_indices(5, 2)]
+    ours = render_chat([{"role": "user", "content": [
+        {"type": "image", "image": wide}, {"type": "text", "text": "and"}, {"type": "image", "image": tall},
+        {"type": "video", "video": frames, "frames": 2}, {"type": "text", "text": "What moved?"}]}],
+        tok, add_generation_prompt=True, image_processor=herd_proc)
+    as_images = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and"}, {"type": "image"},
+                                              {"type": "image"}, {"type": "image"},
+                                              {"type": "text", "text": "What moved?"}]}]
+    prompt = processor.apply_chat_template(as_images, add_generation_prompt=True, tokenize=False)
+    theirs = processor(text=[prompt], images=[wide, tall, *picked], add_special_tokens=False)
+    assert ours.ids == list(theirs["input_ids"][0])
+    assert torch.equal(ours.pixel_values, torch.as_tensor(theirs["pixel_values"]))
+    assert ours.ids.count(tok.image_start_id) == 4
