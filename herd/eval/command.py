@@ -245,6 +245,42 @@ def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
     return results
 
 
+def main_job_section(model_dir: str | Path, run_dir: str | Path, train_len: int, nll_len: int, nll_files: int) -> dict:
+    """`herd eval`'s key figures on the final model of `herd train`, for the run's report.md: bits per
+    byte, NLL by position to at least twice the training length with its power-law fit, a small needle grid
+    (half, one and twice the training length at three depths, one trial: within the job's time).
+    The full report, results and figures go to eval/ in the run folder. Returns {"lines": markdown,
+    "plots": figure paths relative to the run folder, "seconds": time taken}."""
+    out = Path(run_dir) / "eval"
+    cfg = EvalConfig(model=str(model_dir), out=str(out), train_len=train_len, sections=("perplexity", "position", "needle"),
+                     text_bytes=20_000, nll_len=max(nll_len, 2 * train_len), nll_files=nll_files, needle_depths=(0.0, 0.5, 1.0),
+                     needle_trials=1, needle_lengths=(train_len // 2, train_len, 2 * train_len))
+    start = time.perf_counter()
+    r = run_eval(cfg)
+    ppl, pos, needle = r["perplexity"]["rows"]["held-out stdlib code"], r["position"], r["needle"]
+    fit, eff = pos["fit"], needle["effective_length"]
+    by_length = lambda grid: ", ".join(  # noqa: E731  mean over depths, per context length
+        f"{n}: {np.mean([row[j] for row in grid]):.0%}" for j, n in enumerate(needle["lengths"]))
+    lines = ["## Evaluation (`herd eval`)", "",
+             f"`herd eval` on the final model (training length {train_len} tokens); the full report is "
+             "[eval/report.md](eval/report.md).", "",
+             "| measure | value |", "|---|---|",
+             f"| bits per byte, held-out stdlib code ({ppl['tokens']:,} tokens) | {ppl['bpb']:.3f} "
+             f"(perplexity {ppl['perplexity']:.1f}) |"]
+    lines += [f"| NLL by position, tokens {s['from']}-{s['to']} | {s['mean_nll']:.3f} nats |" for s in pos["segments"]]
+    lines += [f"| power-law fit a + b t^-c of the cumulative NLL to {pos['length']} tokens | a = {fit['a']:.3f}, "
+              f"b = {fit['b']:.3f}, c = {fit['c']:.3f}, R² = {fit['r2']:.3f}"
+              + (" (c at the edge of the search: not a power law)" if fit.get("c_at_bound") else "") + " |",
+              f"| needle, exact match by context length | {by_length(needle['exact_match'])} |",
+              f"| needle, likelihood top-1 of {needle['distractors'] + 1} by context length (chance "
+              f"{needle['chance_top1']:.0%}) | {by_length(needle['likelihood_top1'])} |",
+              f"| needle effective length (≥ {eff['threshold']:.0%}): exact / likelihood | "
+              f"{eff['exact_match'] or 'none'} / {eff['likelihood_top1'] or 'none'} |", "",
+              "![NLL by position](eval/nll_by_position.png)", "", "![needle](eval/needle.png)", ""]
+    return {"lines": lines, "plots": ["eval/nll_by_position.png", "eval/needle.png"],
+            "seconds": time.perf_counter() - start}
+
+
 # ------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------
