@@ -77,8 +77,8 @@ def _content_parts(content, where: str) -> list[str | _Image]:
             frames = sample_frames(part.get("video"), part.get("frames", DEFAULT_FRAMES), name=f"{where}.content[{j}]")
             parts += [_Image(frame, f"{where}.content[{j}] frame {k}") for k, frame in enumerate(frames)]
         else:
-            raise ValueError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}}, "
-                             f"{{'type': 'image', 'image': ...}} or {{'type': 'video', 'video': ...}}, got {part!r:.80}")
+            raise ValueError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}}, {{'type': 'image', "
+                             f"'image': ...}} or {{'type': 'video', 'video': ...}}, got {part!r:.80}")
     return parts
 
 

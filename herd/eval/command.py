@@ -247,13 +247,15 @@ def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
 
 def main_job_section(model_dir: str | Path, run_dir: str | Path, train_len: int, nll_len: int, nll_files: int) -> dict:
     """`herd eval`'s key figures on the final model of `herd train`, for the run's report.md: bits per
-    byte, NLL by position to at least twice the training length with its power-law fit, a small needle grid
-    (half, one and twice the training length at three depths, one trial: within the job's time).
+    byte, NLL by position to at least twice the training length with its power-law fit, a small
+    needle grid (half, one and twice the training length at three depths, one trial: within the
+    job's time).
     The full report, results and figures go to eval/ in the run folder. Returns {"lines": markdown,
     "plots": figure paths relative to the run folder, "seconds": time taken}."""
     out = Path(run_dir) / "eval"
-    cfg = EvalConfig(model=str(model_dir), out=str(out), train_len=train_len, sections=("perplexity", "position", "needle"),
-                     text_bytes=20_000, nll_len=max(nll_len, 2 * train_len), nll_files=nll_files, needle_depths=(0.0, 0.5, 1.0),
+    cfg = EvalConfig(model=str(model_dir), out=str(out), train_len=train_len,
+                     sections=("perplexity", "position", "needle"), text_bytes=20_000,
+                     nll_len=max(nll_len, 2 * train_len), nll_files=nll_files, needle_depths=(0.0, 0.5, 1.0),
                      needle_trials=1, needle_lengths=(train_len // 2, train_len, 2 * train_len))
     start = time.perf_counter()
     r = run_eval(cfg)
@@ -345,7 +347,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--needle-trials", dest="needle_trials", type=int)
     p.add_argument("--distractors", type=int)
     p.add_argument("--threshold", type=float)
-    p.add_argument("--tasks", type=_numbers(str), help="herd's verifiable tasks to score (letters,arithmetic,scenes,clips)")
+    p.add_argument("--tasks", type=_numbers(str),
+                   help="herd's verifiable tasks to score (letters,arithmetic,scenes,clips)")
     p.add_argument("--task-problems", dest="task_problems", type=int, help="held-out problems per task")
     p.add_argument("--task-samples", dest="task_samples", type=int, help="sampled answers per problem (pass@k)")
     p.add_argument("--task-tokens", dest="task_tokens", type=int, help="longest answer in tokens")

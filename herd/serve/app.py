@@ -424,7 +424,8 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
             ids = choice_prompt[index]
             # a prompt token's top logprobs: itself and the most likely token there (OpenAI's echo gives
             # the top `logprobs` and the token; the engine keeps the top 1, enough to tell greedy tokens)
-            entries = [(t, None, None) if e is None else (t, e.logprob, [(t, e.logprob)] + [b for b in e.top if b[0] != t])
+            entries = [(t, None, None) if e is None else
+                       (t, e.logprob, [(t, e.logprob)] + [b for b in e.top if b[0] != t])
                        for t, e in zip(ids, prompt_lps or [None] * len(ids))]
             return tokenizer.decode(ids, skip_special=True), entries
 

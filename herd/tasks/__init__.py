@@ -22,5 +22,6 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["ANSWER_PREFIX", "Arithmetic", "ClipQuestions", "LetterCounting", "Problem", "SceneQuestions", "Score", "Split", "TASKS",
+__all__ = ["ANSWER_PREFIX", "Arithmetic", "ClipQuestions", "LetterCounting", "Problem", "SceneQuestions", "Score",
+           "Split", "TASKS",
            "Task", "get_task", "parse_answer", "word_list"]

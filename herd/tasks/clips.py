@@ -67,8 +67,9 @@ class ClipQuestions(Task):
         answer = "first" if len(first.objects) > len(second.objects) else "second"
         worked = (f"The first picture has {len(first.objects)} shapes and the second {len(second.objects)}.\n"
                   f"Answer: {answer}")
-        return Problem(self.name, f"pair:{CLIP_SEED}:{index}", "Which picture has more shapes, the first or the second?",
-                       answer, worked, level, images=(first.draw(self.image_size), second.draw(self.image_size)))
+        return Problem(self.name, f"pair:{CLIP_SEED}:{index}",
+                       "Which picture has more shapes, the first or the second?", answer, worked, level,
+                       images=(first.draw(self.image_size), second.draw(self.image_size)))
 
     def _same(self, given: str, truth: str) -> bool:
         return given.strip().rstrip(".").lower().removeprefix("the ").split(" ")[0] == truth
