@@ -23,5 +23,4 @@ def get_task(name: str) -> Task:
 
 
 __all__ = ["ANSWER_PREFIX", "Arithmetic", "ClipQuestions", "LetterCounting", "Problem", "SceneQuestions", "Score",
-           "Split", "TASKS",
-           "Task", "get_task", "parse_answer", "word_list"]
+           "Split", "TASKS", "Task", "get_task", "parse_answer", "word_list"]
