@@ -10,7 +10,7 @@ steps and batch (8 x 128 tokens of the stdlib's training split, BPE with 1,024 r
 - dense, equal active: every layer dense, width 128: the same active parameters and FLOPs per
   token as the MoE model (less its router);
 - dense, equal total: every layer dense and as wide as makes the total parameters equal the MoE
-  model's (about 4.7x the FLOPs per token of the other two).
+  model's (about twice the parameters, and FLOPs, per token of the other two).
 Scored on held-out code (the validation split): loss per token and bits per byte, in windows of
 the training length. Prints a markdown table (mean over seeds, and the range).
 """
