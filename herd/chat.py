@@ -71,9 +71,14 @@ def _content_parts(content, where: str) -> list[str | _Image]:
             parts.append(part["text"])
         elif kind == "image":
             parts.append(_Image(part.get("image"), f"{where}.content[{j}]"))
+        elif kind == "video":  # its sampled frames, each an image in order (herd.data.video)
+            from .data.video import DEFAULT_FRAMES, sample_frames
+
+            frames = sample_frames(part.get("video"), part.get("frames", DEFAULT_FRAMES), name=f"{where}.content[{j}]")
+            parts += [_Image(frame, f"{where}.content[{j}] frame {k}") for k, frame in enumerate(frames)]
         else:
-            raise ValueError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}} or "
-                             f"{{'type': 'image', 'image': ...}}, got {part!r:.80}")
+            raise ValueError(f"{where}.content[{j}] must be {{'type': 'text', 'text': str}}, {{'type': 'image', "
+                             f"'image': ...}} or {{'type': 'video', 'video': ...}}, got {part!r:.80}")
     return parts
 
 

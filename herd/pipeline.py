@@ -226,7 +226,11 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
             scenes = job.heldout_scenes()
             summary["captions"] = [{"caption": c, "truth": s.caption()} for c, s in zip(captions, scenes)]
             summary["caption_accuracy"] = caption_accuracy(captions, scenes)
-    lap("evaluation", t)
+    t = lap("evaluation", t)
+    from .eval.command import main_job_section
+
+    summary["eval"] = main_job_section(final, out, tc.seq_len, cfg.nll_len, cfg.nll_files)
+    lap("herd eval", t)
     summary["timings"] = timings
     summary["total_seconds"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

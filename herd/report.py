@@ -201,6 +201,7 @@ def write_report(out: str | Path, summary: dict) -> Path:
     lines += ["## NLL by position", "",
               f"Mean NLL on held-out code files: positions 1-16 {nll[:16].mean():.2f}, last 64 positions "
               f"{nll[-64:].mean():.2f} nats.", "", "![nll](plots/nll_by_position.png)", ""]
+    lines += summary.get("eval", {}).get("lines", [])  # herd eval's key figures (herd.eval.command)
     lines += ["## Samples", ""]
     for s in summary["code_samples"]:
         lines += ["```python", s["prompt"] + "«" + s["completion"] + "»", "```", ""]

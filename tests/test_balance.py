@@ -78,3 +78,16 @@ def test_collapse_without_balancing_and_not_with_the_bias(tmp_path):
     balanced = run_share(tmp_path, "bias", steps=30)
     assert collapsed > 0.6, (collapsed, balanced)  # 8 experts: perfect balance is 0.125
     assert balanced < 0.35, (collapsed, balanced)
+
+
+def test_a_dense_model_trains_and_checkpoints_with_the_default_balancing(tmp_path):
+    """No MoE layer, nothing to balance: the loop's checkpoint must not trip over the empty bias."""
+    from herd.train.config import TrainConfig
+    from herd.train.loop import train
+    from herd.train.losses import causal_lm_loss
+    from tests.test_train import token_data
+
+    model = small_model(moe_layers=[])
+    assert LoadBalancer(model, "bias").state_dict() == {}
+    cfg = TrainConfig(steps=2, lr=1e-3, warmup_steps=1, log_every=1, eval_every=10**6, ckpt_every=1, progress=False)
+    assert train(model, cfg, token_data(), causal_lm_loss, tmp_path).step == 2

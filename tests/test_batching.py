@@ -174,7 +174,12 @@ def test_logprobs_and_prompt_logprobs_match_the_full_forward():
     lp = model(ids).logits[0].float().log_softmax(-1)  # [T + 4, V]
     assert first.prompt_logprobs[0] is None and len(first.prompt_logprobs) == len(prompt)
     want = lp[torch.arange(len(prompt) - 1), ids[0, 1:len(prompt)]]
-    torch.testing.assert_close(torch.tensor(first.prompt_logprobs[1:]), want, rtol=1e-4, atol=1e-4)
+    entries = first.prompt_logprobs[1:]
+    assert [e.token_id for e in entries] == prompt[1:]
+    torch.testing.assert_close(torch.tensor([e.logprob for e in entries]), want, rtol=1e-4, atol=1e-4)
+    best = lp[:len(prompt) - 1].max(-1)  # each prompt position's most likely token
+    assert [e.top[0][0] for e in entries] == best.indices.tolist()
+    torch.testing.assert_close(torch.tensor([e.top[0][1] for e in entries]), best.values, rtol=1e-4, atol=1e-4)
     for i, out in enumerate(outputs["a"]):
         (entry,) = out.logprobs
         row = lp[len(prompt) - 1 + i]

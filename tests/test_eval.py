@@ -20,7 +20,7 @@ from herd.eval.needle import (build_haystack, candidate_logprobs, effective_leng
 from herd.eval.perplexity import score_texts, token_nlls
 from herd.eval.position import cumulative_average, fit_power_law, nll_by_position, segment_means
 from herd.eval.speed import measure_speed
-from herd.eval.tasks import pass_at_k, score_tasks
+from herd.eval.tasks import held_out, pass_at_k, score_tasks
 from herd.hf import from_pretrained, save_pretrained
 from herd.model import Llama4
 from herd.tokenizer import Tokenizer, train_tokenizer
@@ -36,7 +36,7 @@ def run_dir(tmp_path_factory):
                       bos_token_id=tok.bos_id, eos_token_id=tok.eot_id, pad_token_id=tok.pad_id)
     torch.manual_seed(0)
     run = tmp_path_factory.mktemp("run")
-    save_pretrained(Llama4(ModelConfig(text=text)), run / "model")
+    save_pretrained(Llama4(ModelConfig(text=text, vision=None)), run / "model")
     tok.save(run / "model")
     (run / "config.json").write_text(json.dumps({"train": {"seq_len": 64}}))
     return run
@@ -231,6 +231,41 @@ def test_score_tasks_counts_checked_samples(model, tokenizer):
         score_tasks(model, tokenizer, tasks, samples=2, ks=(1, 4))
 
 
+def test_held_out_problems_are_checked_by_their_tasks():
+    from herd.tasks import get_task
+    from herd.tasks.base import in_split
+
+    problems, skipped = held_out(["letters", "arithmetic", "scenes", "clips"], 3, vision=False)
+    assert set(skipped) == {"scenes", "clips"} and [h.kind for h in problems] == ["letters"] * 3 + ["arithmetic"] * 3
+    for h in problems:
+        assert in_split(h.problem.key, "test", get_task(h.kind).test_fraction)  # never a training problem
+        assert h.prompt == h.problem.messages()
+        assert h.check(h.problem.worked) and not h.check("Answer: -12345") and not h.check("no answer line")
+    shown, skipped = held_out(["scenes", "clips"], 2, vision=True)
+    assert not skipped and [h.kind for h in shown] == ["scenes"] * 2 + ["clips"] * 2
+    assert [[part["type"] for part in h.prompt[0]["content"]] for h in shown] == [
+        ["image", "text"], ["image", "text"], ["video", "text"], ["image", "image", "text"]]  # clips: levels in turn
+
+
+def test_score_tasks_on_held_out_problems_with_an_oracle(model, tokenizer, monkeypatch):
+    """An oracle in place of sampling (it answers the problem whose chat it is given) passes every
+    held-out problem; the checkers and the bookkeeping are herd's own."""
+    import herd.inference
+
+    problems, _ = held_out(["letters", "arithmetic"], 2, vision=False)
+    prompts = {tuple(tokenizer.encode(h.prompt[0]["content"])): h.problem for h in problems}
+
+    def oracle(model, ids, new, **kw):
+        row = ids[0].tolist()
+        problem = next(p for key, p in prompts.items() if any(row[i:i + len(key)] == list(key) for i in range(len(row))))
+        answer = torch.tensor([tokenizer.encode(f"Answer: {problem.answer}") + [tokenizer.eot_id]] * len(ids))
+        return torch.cat([ids, answer], 1)
+
+    monkeypatch.setattr(herd.inference, "generate", oracle)
+    r = score_tasks(model, tokenizer, problems, samples=2, ks=(1, 2))
+    assert {k: v["pass@1"] for k, v in r.items()} == {"letters": 1.0, "arithmetic": 1.0}
+
+
 # ---- the command
 
 def test_herd_eval_writes_report_results_and_figures(run_dir, tmp_path, capsys):
@@ -247,8 +282,12 @@ def test_herd_eval_writes_report_results_and_figures(run_dir, tmp_path, capsys):
     assert r["position"]["length"] == 160 and len(r["position"]["nll"]) == 159 and 0 <= r["position"]["fit"]["r2"] <= 1
     assert r["needle"]["lengths"] == [48, 64, 128] and np.array(r["needle"]["exact_match"]).shape == (3, 3)
     assert r["speed"]["decode_tokens_per_s"] > 0
+    assert set(r["tasks"]["kinds"]) == {"letters", "arithmetic"} and set(r["tasks"]["skipped"]) == {"scenes", "clips"}
+    assert all(k["tasks"] == 4 and k["samples"] == 2 and 0 <= k["pass@1"] <= k["pass@2"] <= 1
+               for k in r["tasks"]["kinds"].values())
     report = (out / "report.md").read_text()
-    for heading in ("Perplexity", "NLL by position", "Needle in a haystack", "Speed", "R² ="):
+    for heading in ("Perplexity", "NLL by position", "Needle in a haystack", "Verifiable tasks", "Speed", "R² =",
+                    "Not scored: scenes"):
         assert heading in report
     assert (out / "nll_by_position.png").stat().st_size > 1000 and (out / "needle.png").stat().st_size > 1000
     assert "bits/byte" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,75 @@ def test_command_line_registers_herd(run_dir, task_dir, lm, tmp_path):  # noqa: 
     (result,) = list((tmp_path / "out").rglob("results_*.json"))
     acc = json.loads(result.read_text())["results"]["herd_toy"]["acc,none"]
     assert math.isclose(acc, _expected_accuracy(lm))
+
+
+# ---- the shipped offline tasks, in process and through `herd serve`
+
+TASKS_DIR = Path(__file__).resolve().parents[1] / "herd" / "eval" / "lm_eval_tasks"
+OFFLINE = ["herd_code_choice", "herd_code_next", "herd_code_files", "herd_arithmetic"]
+
+
+def _same_scores(ours: dict, theirs: dict, tasks: list[str]):
+    for task in tasks:
+        a, b = ours["results"][task], theirs["results"][task]
+        metrics = [k for k, v in a.items() if isinstance(v, float) and "stderr" not in k]
+        assert metrics, task
+        for k in metrics:
+            assert math.isclose(a[k], b[k], rel_tol=1e-4, abs_tol=1e-6), (task, k, a[k], b[k])
+        for x, y in zip(ours["samples"][task], theirs["samples"][task], strict=True):
+            assert x["doc_id"] == y["doc_id"]
+            for rx, ry in zip(x["resps"], y["resps"], strict=True):
+                rx, ry = rx[0], ry[0]
+                if isinstance(rx, str):
+                    assert rx == ry, task
+                elif isinstance(rx, tuple | list):  # (loglikelihood, greedy)
+                    assert math.isclose(rx[0], ry[0], rel_tol=1e-4, abs_tol=1e-4) and rx[1] == ry[1], (task, rx, ry)
+                else:  # a rolling loglikelihood
+                    assert math.isclose(rx, ry, rel_tol=1e-5), (task, rx, ry)
+
+
+QUICK = [(["herd_code_next"], True)]
+EVERY_KIND = [(["herd_code_choice", "herd_code_next", "herd_arithmetic"], True), (["herd_code_files"], False)]
+
+
+@pytest.mark.parametrize("runs", [QUICK, pytest.param(EVERY_KIND, marks=pytest.mark.slow)], ids=["quick", "every-kind"])
+def test_herd_serve_through_local_completions_gives_the_same_scores(run_dir, monkeypatch, runs):  # noqa: F811
+    """The shipped offline tasks (every request type: multiple choice, loglikelihood with its greedy
+    flag, rolling loglikelihood, generate-until) scored by the in-process `herd` model and by lm-eval's
+    own `local-completions` client against `herd serve` on 127.0.0.1: the same scores, document by
+    document. Both see the same tokens: local-completions tokenizes with the checkpoint's tokenizer
+    files through transformers, and its max_length counts two more tokens than herd's (its input
+    includes the last target and the one token it generates). begin-of-text: herd's default
+    (add_bos_token) for contexts; for rolling loglikelihood lm-eval puts it before the text as well
+    as the window's prefix, so that task runs with add_bos_token false on both sides. The quick variant
+    runs the loglikelihood task only."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("transformers")
+    pytest.importorskip("tenacity", reason="local-completions needs lm-eval's api extra: pip install 'lm-eval[api]'")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from herd.inference.session import load_model_and_tokenizer
+    from herd.serve.app import ServeConfig, create_app
+    from tests.test_serve import Server
+
+    path, window, new = str(run_dir / "model"), 96, 8
+    manager = TaskManager(include_path=str(TASKS_DIR))
+    ours = [simple_evaluate(model="herd", model_args={"pretrained": path, "max_length": window, "max_gen_toks": new,
+                                                      "batch_size": 4, "add_bos_token": bos},
+                            tasks=tasks, task_manager=manager, log_samples=True) for tasks, bos in runs]
+    model, tok = load_model_and_tokenizer(path)
+    with Server(create_app(model, tok, ServeConfig(model_name="tiny"))) as server:
+        theirs = [simple_evaluate(model="local-completions", model_args={
+            "base_url": server.url + "/v1/completions", "model": "tiny", "tokenizer": path,
+            "tokenizer_backend": "huggingface", "add_bos_token": bos, "max_length": window + 2, "max_gen_toks": new,
+            "max_retries": 1}, tasks=tasks, task_manager=manager, log_samples=True) for tasks, bos in runs]
+    for (tasks, _), a, b in zip(runs, ours, theirs):
+        _same_scores(a, b, tasks)
+    # the tasks measured something: a tiny random model's next lines are never all greedy
+    assert {s["resps"][0][0][1] for s in ours[0]["samples"]["herd_code_next"]} == {False}
+
+
+def test_registering_herd_keeps_lm_evals_own_model_types():
+    assert get_model("local-completions").__name__ == "LocalCompletionsAPI"

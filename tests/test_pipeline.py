@@ -30,6 +30,13 @@ def test_the_run_leaves_a_report_and_learns(run_dir):
     for plot in ("loss", "expert_load", "nll_by_position", "throughput", "rl"):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
         assert f"plots/{plot}.png" in report
+    # herd eval's section: its figures, beyond the training length (128 in smoke), and its own report
+    assert "## Evaluation (`herd eval`)" in report and "bits per byte" in report and "R² =" in report
+    for plot in summary["eval"]["plots"]:
+        assert (run_dir / plot).stat().st_size > 1000 and plot in report
+    results = json.loads((run_dir / "eval" / "results.json").read_text())
+    assert results["needle"]["lengths"] == [64, 128, 256] and results["position"]["length"] > 128
+    assert (run_dir / "eval" / "report.md").exists()
 
 
 def test_the_checkpoint_loads_in_herd_and_transformers(run_dir):

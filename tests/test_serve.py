@@ -22,7 +22,7 @@ openai = pytest.importorskip("openai")
 from herd.inference import generate  # noqa: E402
 from herd.inference.session import load_model_and_tokenizer  # noqa: E402
 from herd.serve.app import ServeConfig, create_app  # noqa: E402
-from herd.serve.text import IncrementalText  # noqa: E402
+from herd.serve.text import IncrementalText, token_string  # noqa: E402
 
 TIMEOUT = 60  # seconds, for any one request
 
@@ -159,6 +159,11 @@ def test_completions_text_echo_and_logprobs(server, loaded):
         ref = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
     want = [float(ref[i, ids[i + 1]]) for i in range(len(ids) - 1)]
     assert lp.token_logprobs[1:len(ids)] == pytest.approx(want, abs=1e-4)
+    # each prompt token's top logprobs hold it and the most likely token there: lm-eval's greedy flag
+    for i in range(1, len(ids)):
+        best = int(ref[i - 1].argmax())
+        assert set(lp.top_logprobs[i]) == {token_string(tok, ids[i]), token_string(tok, best)}
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(float(ref[i - 1, best]), abs=1e-4)
     generated = int(ref[-1].argmax())
     assert lp.token_logprobs[-1] == pytest.approx(float(ref[-1, generated]), abs=1e-4)
     assert max(lp.top_logprobs[-1].values()) == pytest.approx(lp.token_logprobs[-1], abs=1e-6)

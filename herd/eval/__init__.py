@@ -9,6 +9,7 @@
     report       report.md from the results
     command      `herd eval MODEL`: every section into report.md, results.json and PNGs
     lm_eval_model  a `herd` model type for lm-evaluation-harness (optional extra `eval`)
+    lm_eval_tasks/ offline lm-eval tasks, one per request type, their data generated locally
 """
 
 from .perplexity import LMEvaluator, score_texts, token_byte_lengths, token_nlls

@@ -6,7 +6,7 @@ Sections (each also a module of this package):
     position     cumulative average NLL by position past the training length, power-law fit
     needle       needle-in-a-haystack grid, exact match and likelihood, effective length
     speed        prefill and decode tokens/s of herd's engine on this machine
-    tasks        pass@1 / pass@k of verifiable tasks, when `run_eval` is given tasks
+    tasks        pass@1 / pass@k on held-out problems of herd's verifiable tasks (herd.tasks)
 
 `--transformers` evaluates a checkpoint that only `transformers` loads, as a baseline, through the
 same perplexity and NLL-by-position code (the sections that need herd's engine are skipped).
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SECTIONS = ("perplexity", "position", "needle", "speed")
+SECTIONS = ("perplexity", "position", "needle", "tasks", "speed")
 HERD_ONLY = ("needle", "speed", "tasks")  # need herd's tokenizer and engine
 
 
@@ -47,6 +47,10 @@ class EvalConfig:
     needle_trials: int = 2
     distractors: int = 4
     threshold: float = 0.5  # effective length: mean accuracy over depths at least this
+    tasks: tuple[str, ...] = ("letters", "arithmetic", "scenes", "clips")  # herd.tasks; images only with a vision tower
+    task_problems: int = 16  # held-out problems per task
+    task_samples: int = 4  # sampled answers per problem: pass@1 and pass@task_samples
+    task_tokens: int = 64  # longest answer
     speed_prompt: int = 512
     speed_new: int = 32
 
@@ -54,7 +58,7 @@ class EvalConfig:
 def quick(cfg: EvalConfig) -> EvalConfig:
     """Seconds on a tiny model: fewer files, a smaller grid, a short speed run."""
     return dataclasses.replace(cfg, text_bytes=20_000, nll_files=2, needle_depths=(0.0, 0.5, 1.0), needle_trials=1,
-                               speed_prompt=64, speed_new=8)
+                               task_problems=4, task_samples=2, task_tokens=24, speed_prompt=64, speed_new=8)
 
 
 @dataclass
@@ -183,9 +187,21 @@ def output_folder(cfg: EvalConfig) -> Path:
     return Path(cfg.out) if cfg.out else Path(cfg.model).resolve().parent / "eval"
 
 
+def _tasks(cfg: EvalConfig, loaded: Loaded, tasks: Sequence | None) -> dict:
+    from .tasks import held_out, score_tasks
+
+    skipped = {}
+    if tasks is None:
+        tasks, skipped = held_out(cfg.tasks, cfg.task_problems, loaded.model.config.vision is not None)
+    scores = score_tasks(loaded.model, loaded.tokenizer, tasks, samples=cfg.task_samples,
+                         ks=sorted({1, cfg.task_samples}), max_new_tokens=cfg.task_tokens)
+    return {"kinds": scores, "skipped": skipped, "max_new_tokens": cfg.task_tokens}
+
+
 def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
     """Runs the sections, writes results.json, the figures and report.md; returns the results.
-    `tasks` (objects with `prompt` and `check`, see herd.eval.tasks) adds the tasks section."""
+    `tasks` (objects with `prompt` and `check`, see herd.eval.tasks) replaces herd's held-out
+    problems in the tasks section (and runs it)."""
     from ..data.corpora import stdlib_texts
     from .report import write_report
 
@@ -217,9 +233,7 @@ def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
             elif section == "needle":
                 results[section] = _needle(cfg, loaded, heldout, train_len, out)
             elif section == "tasks":
-                from .tasks import score_tasks
-
-                results[section] = score_tasks(loaded.model, loaded.tokenizer, tasks)
+                results[section] = _tasks(cfg, loaded, tasks)
             elif section == "speed":
                 from ..inference import prepare_for_decoding
                 from .speed import measure_speed
@@ -229,6 +243,44 @@ def run_eval(cfg: EvalConfig, tasks: Sequence | None = None) -> dict:
     (out / "results.json").write_text(json.dumps(results, indent=2))
     write_report(out, results)
     return results
+
+
+def main_job_section(model_dir: str | Path, run_dir: str | Path, train_len: int, nll_len: int, nll_files: int) -> dict:
+    """`herd eval`'s key figures on the final model of `herd train`, for the run's report.md: bits per
+    byte, NLL by position to at least twice the training length with its power-law fit, a small
+    needle grid (half, one and twice the training length at three depths, one trial: within the
+    job's time).
+    The full report, results and figures go to eval/ in the run folder. Returns {"lines": markdown,
+    "plots": figure paths relative to the run folder, "seconds": time taken}."""
+    out = Path(run_dir) / "eval"
+    cfg = EvalConfig(model=str(model_dir), out=str(out), train_len=train_len,
+                     sections=("perplexity", "position", "needle"), text_bytes=20_000,
+                     nll_len=max(nll_len, 2 * train_len), nll_files=nll_files, needle_depths=(0.0, 0.5, 1.0),
+                     needle_trials=1, needle_lengths=(train_len // 2, train_len, 2 * train_len))
+    start = time.perf_counter()
+    r = run_eval(cfg)
+    ppl, pos, needle = r["perplexity"]["rows"]["held-out stdlib code"], r["position"], r["needle"]
+    fit, eff = pos["fit"], needle["effective_length"]
+    by_length = lambda grid: ", ".join(  # noqa: E731  mean over depths, per context length
+        f"{n}: {np.mean([row[j] for row in grid]):.0%}" for j, n in enumerate(needle["lengths"]))
+    lines = ["## Evaluation (`herd eval`)", "",
+             f"`herd eval` on the final model (training length {train_len} tokens); the full report is "
+             "[eval/report.md](eval/report.md).", "",
+             "| measure | value |", "|---|---|",
+             f"| bits per byte, held-out stdlib code ({ppl['tokens']:,} tokens) | {ppl['bpb']:.3f} "
+             f"(perplexity {ppl['perplexity']:.1f}) |"]
+    lines += [f"| NLL by position, tokens {s['from']}-{s['to']} | {s['mean_nll']:.3f} nats |" for s in pos["segments"]]
+    lines += [f"| power-law fit a + b t^-c of the cumulative NLL to {pos['length']} tokens | a = {fit['a']:.3f}, "
+              f"b = {fit['b']:.3f}, c = {fit['c']:.3f}, R² = {fit['r2']:.3f}"
+              + (" (c at the edge of the search: not a power law)" if fit.get("c_at_bound") else "") + " |",
+              f"| needle, exact match by context length | {by_length(needle['exact_match'])} |",
+              f"| needle, likelihood top-1 of {needle['distractors'] + 1} by context length (chance "
+              f"{needle['chance_top1']:.0%}) | {by_length(needle['likelihood_top1'])} |",
+              f"| needle effective length (≥ {eff['threshold']:.0%}): exact / likelihood | "
+              f"{eff['exact_match'] or 'none'} / {eff['likelihood_top1'] or 'none'} |", "",
+              "![NLL by position](eval/nll_by_position.png)", "", "![needle](eval/needle.png)", ""]
+    return {"lines": lines, "plots": ["eval/nll_by_position.png", "eval/needle.png"],
+            "seconds": time.perf_counter() - start}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +317,8 @@ def _eval_cmd(args: argparse.Namespace) -> int:
         eff = results["needle"]["effective_length"]
         print(f"needle effective length (>= {eff['threshold']:.0%}): exact match {eff['exact_match']}, "
               f"likelihood {eff['likelihood_top1']}")
+    for name, kind in results.get("tasks", {}).get("kinds", {}).items():
+        print(f"{name}: " + ", ".join(f"{k} {v:.0%}" for k, v in kind.items() if k.startswith("pass@")))
     if "speed" in results:
         s = results["speed"]
         print(f"speed: prefill {s['prefill_tokens_per_s']:.0f} tokens/s, decode {s['decode_tokens_per_s']:.1f} tokens/s")
@@ -273,7 +327,7 @@ def _eval_cmd(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("eval", help="evaluate a checkpoint: bits/byte, NLL by position, needle, speed",
+    p = subparsers.add_parser("eval", help="evaluate a checkpoint: bits/byte, NLL by position, needle, tasks, speed",
                               description="Writes report.md, results.json and PNG figures into --out.")
     p.add_argument("model", help="checkpoint directory (HF layout: config.json, safetensors, tokenizer.json)")
     p.add_argument("--out", help="output folder (default: eval/ beside the model folder)")
@@ -293,6 +347,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--needle-trials", dest="needle_trials", type=int)
     p.add_argument("--distractors", type=int)
     p.add_argument("--threshold", type=float)
+    p.add_argument("--tasks", type=_numbers(str),
+                   help="herd's verifiable tasks to score (letters,arithmetic,scenes,clips)")
+    p.add_argument("--task-problems", dest="task_problems", type=int, help="held-out problems per task")
+    p.add_argument("--task-samples", dest="task_samples", type=int, help="sampled answers per problem (pass@k)")
+    p.add_argument("--task-tokens", dest="task_tokens", type=int, help="longest answer in tokens")
     p.add_argument("--speed-prompt", dest="speed_prompt", type=int)
     p.add_argument("--speed-new", dest="speed_new", type=int)
     p.add_argument("--quick", action="store_true", help="a small grid and few files: seconds on a tiny model")

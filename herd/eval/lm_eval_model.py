@@ -29,6 +29,10 @@ try:
     from lm_eval.api.model import TemplateLM
     from lm_eval.api.registry import register_model
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    # lm-eval fills its model registry on first use only while the registry is empty: load its own
+    # types first, or registering `herd` would hide them (`local-completions`, `hf`, ...)
+    import lm_eval.models  # noqa: F401
 except ImportError as e:  # an optional extra: say how to get it
     raise ImportError("herd.eval.lm_eval_model needs lm-evaluation-harness: pip install 'herd[eval]'") from e
 

@@ -64,13 +64,20 @@ def _speed(r: dict) -> list[str]:
 
 
 def _tasks(r: dict) -> list[str]:
-    ks = sorted({k for kind in r.values() for k in kind if k.startswith("pass@")}, key=lambda k: int(k[5:]))
-    lines = ["## Verifiable tasks", "", "Sampled answers checked by each task's own checker; pass@k is the unbiased "
-             "estimator over the samples.", "", "| tasks | count | samples | " + " | ".join(ks) + " |",
-             "|---|---|---|" + "---|" * len(ks)]
-    for name, kind in r.items():
+    kinds = r["kinds"]
+    ks = sorted({k for kind in kinds.values() for k in kind if k.startswith("pass@")}, key=lambda k: int(k[5:]))
+    lines = ["## Verifiable tasks", "", "Held-out problems (the test split of herd.tasks, never trained on), asked as a "
+             f"chat; sampled answers of at most {r['max_new_tokens']} tokens, each checked by its task's own checker "
+             "(the last `Answer:` line must be right). pass@k is the unbiased estimator over the samples.", "",
+             "| task | problems | samples | " + " | ".join(ks) + " |", "|---|---|---|" + "---|" * len(ks)]
+    for name, kind in kinds.items():
         lines.append(f"| {name} | {kind['tasks']} | {kind['samples']} | "
                      + " | ".join(f"{kind[k]:.0%}" for k in ks) + " |")
+    lines += [""] + [f"Not scored: {name}: {why}." for name, why in r["skipped"].items()]
+    for name, kind in kinds.items():
+        example = kind["examples"][0]
+        lines += [f"An answer to {name} ({'right' if example['correct'] else 'wrong'}): "
+                  f"`{example['completion'][:120]!r}`"]
     return lines + [""]
 
 

@@ -1,7 +1,7 @@
 """Verifiable tasks: sample answers, check each with the task's own checker, report pass@1 and pass@k.
 
-This module scores tasks; it defines none (the task sets live with post-training). A task is any
-object with
+This module scores tasks; it defines none (the task sets live in herd.tasks, shared with
+post-training; `held_out` wraps their held-out problems). A task is any object with
 - `prompt`: a string (continued as plain text) or a list of chat messages (rendered with the chat
   template and an assistant header; images in the messages are tiled for the vision tower);
 - `check(completion: str) -> bool`: whether a completion (chat: the assistant's reply) is right;
@@ -15,12 +15,14 @@ averaged over tasks. It has lower variance than drawing k samples once.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from math import comb
 from typing import Protocol
 
 import torch
 
 from ..model import Llama4
+from ..tasks import Problem, get_task
 from ..tokenizer import Tokenizer
 
 
@@ -28,6 +30,38 @@ class Task(Protocol):
     prompt: str | list[dict]
 
     def check(self, completion: str) -> bool: ...
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A held-out problem of one of herd's verifiable tasks (herd.tasks), as `score_tasks` takes it:
+    the chat that asks it, and right when the task's checker finds the answer right."""
+
+    problem: Problem
+
+    @property
+    def prompt(self) -> list[dict]:
+        return self.problem.messages()
+
+    @property
+    def kind(self) -> str:
+        return self.problem.task
+
+    def check(self, completion: str) -> bool:
+        return get_task(self.problem.task).check(self.problem, completion).answer == 1.0
+
+
+def held_out(names: Sequence[str], count: int, vision: bool) -> tuple[list[HeldOut], dict[str, str]]:
+    """`count` test-split problems of each named task (levels in turn), and the tasks left out with
+    why: the image tasks (scenes, clips) when the model has no vision tower."""
+    problems, skipped = [], {}
+    for name in names:
+        task = get_task(name)
+        if task.vision and not vision:
+            skipped[name] = "its questions are about images and the model has no vision tower"
+            continue
+        problems += [HeldOut(p) for p in task.problems("test", count)]
+    return problems, skipped
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:

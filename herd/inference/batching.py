@@ -55,7 +55,7 @@ class SamplingParams:
     seed: int | None = None  # a seed gives the same tokens whatever else is batched
     stop_token_ids: tuple[int, ...] | None = None  # None = the model config's eos ids
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
-    prompt_logprobs: bool = False  # logprob of each prompt token given those before (for echo)
+    prompt_logprobs: bool = False  # logprob of each prompt token given those before, and the top 1 (for echo)
 
 
 @dataclass
@@ -78,7 +78,8 @@ class StepOutput:
     request_id: str
     token_ids: list[int]  # tokens produced for this request by this step (0 or more; a stop token included)
     logprobs: list[TokenLogprob] | None
-    prompt_logprobs: list[float | None] | None  # set once, on the request's first output (None for token 0)
+    # set once, on the request's first output (None for token 0); `top` holds the most likely token
+    prompt_logprobs: list[TokenLogprob | None] | None
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" when finished
     prompt_tokens: int
@@ -97,7 +98,7 @@ class _Sequence:
     generator: torch.Generator | None
     prefilled: int = 0  # prompt tokens in the cache
     tokens: list[int] = field(default_factory=list)
-    prompt_logprobs: list[float | None] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     reported: bool = False  # has the first output (with prompt_logprobs) gone out?
 
     @property
@@ -307,8 +308,10 @@ class Engine:
                             logits_to_keep=None if all_logits else 1).logits[0].float()  # [n or 1, V]
         if all_logits:  # position i predicts prompt token i + 1
             targets = seq.prompt[a + 1:b + 1]
-            chosen = logits[:targets.numel()].log_softmax(-1).gather(-1, targets[:, None])[:, 0]
-            seq.prompt_logprobs.extend(chosen.tolist())
+            lp = logits[:targets.numel()].log_softmax(-1)
+            chosen, best = lp.gather(-1, targets[:, None])[:, 0], lp.max(-1)
+            seq.prompt_logprobs += [TokenLogprob(t, c, [(i, v)]) for t, c, i, v in zip(
+                targets.tolist(), chosen.tolist(), best.indices.tolist(), best.values.tolist())]
         seq.prefilled = b
         if b < T:
             return

@@ -74,7 +74,7 @@ class _Choice:
     text: IncrementalText
     prompt_tokens: int
     completion_tokens: int = 0
-    prompt_logprobs: list[float | None] | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
     finished: bool = False
 
 
@@ -422,8 +422,11 @@ def create_app(model: Llama4, tokenizer: Tokenizer, config: ServeConfig) -> Fast
 
         def echo_part(index: int, prompt_lps) -> tuple[str, list]:
             ids = choice_prompt[index]
-            prompt_lps = prompt_lps or [None] * len(ids)
-            entries = [(t, lp, None if lp is None else [(t, lp)]) for t, lp in zip(ids, prompt_lps)]
+            # a prompt token's top logprobs: itself and the most likely token there (OpenAI's echo gives
+            # the top `logprobs` and the token; the engine keeps the top 1, enough to tell greedy tokens)
+            entries = [(t, None, None) if e is None else
+                       (t, e.logprob, [(t, e.logprob)] + [b for b in e.top if b[0] != t])
+                       for t, e in zip(ids, prompt_lps or [None] * len(ids))]
             return tokenizer.decode(ids, skip_special=True), entries
 
         def gen_entries(events_lps: list[TokenLogprob]) -> list:

@@ -9,10 +9,11 @@ DPO and evaluation.
 
 from .arithmetic import Arithmetic
 from .base import ANSWER_PREFIX, Problem, Score, Split, Task, parse_answer
+from .clips import ClipQuestions
 from .letters import LetterCounting, word_list
 from .scenes import SceneQuestions
 
-TASKS = {"letters": LetterCounting, "arithmetic": Arithmetic, "scenes": SceneQuestions}
+TASKS = {"letters": LetterCounting, "arithmetic": Arithmetic, "scenes": SceneQuestions, "clips": ClipQuestions}
 
 
 def get_task(name: str) -> Task:
@@ -21,5 +22,5 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["ANSWER_PREFIX", "Arithmetic", "LetterCounting", "Problem", "SceneQuestions", "Score", "Split", "TASKS",
-           "Task", "get_task", "parse_answer", "word_list"]
+__all__ = ["ANSWER_PREFIX", "Arithmetic", "ClipQuestions", "LetterCounting", "Problem", "SceneQuestions", "Score",
+           "Split", "TASKS", "Task", "get_task", "parse_answer", "word_list"]

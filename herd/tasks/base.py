@@ -37,12 +37,16 @@ class Problem:
     worked: str  # a worked solution that ends with the `Answer:` line (SFT's target)
     level: int  # difficulty, 1 = easiest
     image: Image.Image | None = field(default=None, compare=False)  # shown before the question
+    images: tuple[Image.Image, ...] = field(default=(), compare=False)  # several, in order, before the question
+    video: tuple[Image.Image, ...] = field(default=(), compare=False)  # a clip's frames, before the question
 
     def messages(self, with_answer: bool = False) -> list[dict]:
-        """The problem as a chat: the user asks (showing the image first); with_answer adds the
-        worked solution as the assistant's reply."""
-        content = self.prompt if self.image is None else [
-            {"type": "image", "image": self.image}, {"type": "text", "text": self.prompt}]
+        """The problem as a chat: the user asks (showing the image(s) or the video first);
+        with_answer adds the worked solution as the assistant's reply."""
+        shown = [{"type": "image", "image": im} for im in ((self.image,) if self.image else ()) + self.images]
+        if self.video:
+            shown.append({"type": "video", "video": list(self.video), "frames": len(self.video)})
+        content = [*shown, {"type": "text", "text": self.prompt}] if shown else self.prompt
         messages = [{"role": "user", "content": content}]
         if with_answer:
             messages.append({"role": "assistant", "content": self.worked})
@@ -84,6 +88,7 @@ class Task:
     name: str = ""
     levels: tuple[int, ...] = (1,)
     test_fraction: float = 0.2
+    vision: bool = False  # its problems show images: only for models with a vision tower
 
     def problems(self, split: Split, count: int, *, seed: int = 0, level: int | None = None) -> list[Problem]:
         """`count` distinct problems of `split` (at `level`, or levels in turn), the same for the same

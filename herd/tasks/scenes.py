@@ -19,6 +19,7 @@ SCENE_SEED = 7  # a generator of its own, apart from the scenes pretraining draw
 class SceneQuestions(Task):
     name = "scenes"
     levels = (1, 2, 3)
+    vision = True
 
     def __init__(self, image_size: int = 64, max_objects: int = 4, num_scenes: int = 1_000_000):
         self.image_size, self.max_objects, self.num_scenes = image_size, max_objects, num_scenes

@@ -75,7 +75,7 @@ class LoadBalancer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        if self.mode != "bias":
+        if self.mode != "bias" or not self.layers:  # a dense model has no bias to keep
             return {}
         return {"bias": torch.stack([moe.selection_bias for moe in self.layers]).cpu()}
 

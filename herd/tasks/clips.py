@@ -1,0 +1,75 @@
+"""Questions that need several images: a short clip (video frames) and a pair of pictures.
+
+Level 1, a clip: "Which way did the circle move?" Four frames of 64x64 pixels in which one circle
+moves in a straight line (left, right, up or down, 8 pixels a frame) past a few shapes that stay
+put; the answer is the direction. Level 2, two pictures (scenes of herd.data.synthetic): "Which
+picture has more shapes, the first or the second?" (never a tie). The clip or scene number is the
+split key, so held-out clips are never seen in training.
+"""
+
+from __future__ import annotations
+
+import random
+
+from PIL import Image, ImageDraw
+
+from ..data.synthetic import BACKGROUND, COLORS, make_scene
+from .base import Problem, Task
+
+CLIP_SEED = 11  # a generator of its own, apart from the scenes of pretraining and of SceneQuestions
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+FRAMES, STEP, RADIUS = 4, 8, 6  # frames per clip, pixels the circle moves per frame, its radius
+
+
+def moving_circle(index: int, image_size: int = 64) -> tuple[list[Image.Image], str]:
+    """Clip number `index`: its frames and the direction the circle moved."""
+    rng = random.Random(f"clip:{CLIP_SEED}:{index}")
+    direction = rng.choice(list(DIRECTIONS))
+    dx, dy = DIRECTIONS[direction]
+    travel = STEP * (FRAMES - 1)
+    margin = RADIUS + 2
+    # the start leaves room for the whole path inside the frame
+    x0 = rng.uniform(margin + max(0, -dx) * travel, image_size - margin - max(0, dx) * travel)
+    y0 = rng.uniform(margin + max(0, -dy) * travel, image_size - margin - max(0, dy) * travel)
+    color = rng.choice(list(COLORS))
+    still = [(rng.uniform(4, image_size - 12), rng.uniform(4, image_size - 12), rng.choice(list(COLORS)))
+             for _ in range(rng.randint(0, 2))]
+    frames = []
+    for t in range(FRAMES):
+        image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+        pen = ImageDraw.Draw(image)
+        for sx, sy, scolor in still:  # squares that stay put
+            pen.rectangle((sx, sy, sx + 8, sy + 8), fill=COLORS[scolor])
+        cx, cy = x0 + dx * STEP * t, y0 + dy * STEP * t
+        pen.ellipse((cx - RADIUS, cy - RADIUS, cx + RADIUS, cy + RADIUS), fill=COLORS[color])
+        frames.append(image)
+    return frames, direction
+
+
+class ClipQuestions(Task):
+    name = "clips"
+    levels = (1, 2)
+    vision = True
+
+    def __init__(self, image_size: int = 64, num_clips: int = 1_000_000):
+        self.image_size, self.num_clips = image_size, num_clips
+
+    def _candidate(self, rng, level: int) -> Problem | None:
+        index = rng.randrange(self.num_clips)
+        if level == 1:
+            frames, direction = moving_circle(index, self.image_size)
+            return Problem(self.name, f"clip:{CLIP_SEED}:{index}", "Which way did the circle move?", direction,
+                           f"The circle moves {direction} from frame to frame.\nAnswer: {direction}", level,
+                           video=tuple(frames))
+        first, second = make_scene(2 * index, CLIP_SEED), make_scene(2 * index + 1, CLIP_SEED)
+        if len(first.objects) == len(second.objects):
+            return None  # no answer; draw another
+        answer = "first" if len(first.objects) > len(second.objects) else "second"
+        worked = (f"The first picture has {len(first.objects)} shapes and the second {len(second.objects)}.\n"
+                  f"Answer: {answer}")
+        return Problem(self.name, f"pair:{CLIP_SEED}:{index}",
+                       "Which picture has more shapes, the first or the second?", answer, worked, level,
+                       images=(first.draw(self.image_size), second.draw(self.image_size)))
+
+    def _same(self, given: str, truth: str) -> bool:
+        return given.strip().rstrip(".").lower().removeprefix("the ").split(" ")[0] == truth
