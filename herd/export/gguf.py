@@ -18,7 +18,8 @@ The mapping (llama.cpp stores a [out, in] weight as ne = {in, out}, so numpy's [
 llama.cpp fixes some Llama 4 settings instead of reading them (src/models/llama4.cpp): a NoPE
 layer every 4th layer, chunked attention of 8192 and temperature tuning with floor 8192 and scale
 0.1, and q/k norm unless there are 128 experts. A checkpoint whose layer pattern or q/k norm differs
-is refused (its logits would differ from the first token); one whose chunk or temperature settings
+is refused (its logits would differ from the first token), and so is one with fewer than 4 layers
+(llama.cpp aborts on it); one whose chunk or temperature settings
 differ is exported, and `exact_positions` says for how many positions the logits still agree.
 
 `--type q8_0` stores the matrices herd's int8 quantizes (attention, MLPs, experts, lm_head) as
@@ -69,7 +70,12 @@ TENSOR_TYPES = ("f32", "q8_0")
 
 
 def check_exportable(text: TextConfig) -> None:
-    """Raises ValueError for a model whose llama.cpp logits would differ from the first token."""
+    """Raises ValueError for a model llama.cpp would run differently from the first token, or not at all."""
+    if text.num_hidden_layers < LLAMA_CPP_NOPE_INTERVAL:
+        # Its graph always builds the NoPE layers' temperature input; with no NoPE layer to use it,
+        # llama.cpp aborts on the first decode ("tensor buffer not set").
+        raise ValueError(f"{text.num_hidden_layers} layers: llama.cpp's llama4 needs at least {LLAMA_CPP_NOPE_INTERVAL} "
+                         "(one NoPE layer) and aborts otherwise; this model cannot be exported")
     nope = [i for i in range(text.num_hidden_layers) if not text.uses_rope(i)]
     llama_cpp_nope = [i for i in range(text.num_hidden_layers) if (i + 1) % LLAMA_CPP_NOPE_INTERVAL == 0]
     if nope != llama_cpp_nope:
