@@ -74,8 +74,9 @@ def check_exportable(text: TextConfig) -> None:
     if text.num_hidden_layers < LLAMA_CPP_NOPE_INTERVAL:
         # Its graph always builds the NoPE layers' temperature input; with no NoPE layer to use it,
         # llama.cpp aborts on the first decode ("tensor buffer not set").
-        raise ValueError(f"{text.num_hidden_layers} layers: llama.cpp's llama4 needs at least {LLAMA_CPP_NOPE_INTERVAL} "
-                         "(one NoPE layer) and aborts otherwise; this model cannot be exported")
+        raise ValueError(f"{text.num_hidden_layers} layers: llama.cpp's llama4 needs at least "
+                         f"{LLAMA_CPP_NOPE_INTERVAL} (one NoPE layer) and aborts otherwise; this model cannot be "
+                         "exported")
     nope = [i for i in range(text.num_hidden_layers) if not text.uses_rope(i)]
     llama_cpp_nope = [i for i in range(text.num_hidden_layers) if (i + 1) % LLAMA_CPP_NOPE_INTERVAL == 0]
     if nope != llama_cpp_nope:
