@@ -183,10 +183,14 @@ def combine(rounds: list[dict]) -> dict:
     return out
 
 
+# herd's server and llama.cpp's on the same weight format
+PEERS = (("herd fp32", "llama.cpp f32"), ("herd int8", "llama.cpp q8_0"))
+
+
 def table(servers: list[Server]) -> str:
     """Markdown: tokens/s per server and level, and herd / llama.cpp for each weight format."""
-    pairs = [(a, b) for a in servers for b in servers
-             if a.name.startswith("herd") and b.name.startswith("llama.cpp") and a.name[-4:] == b.name[-4:]]
+    by_name = {s.name: s for s in servers}
+    pairs = [(by_name[a], by_name[b]) for a, b in PEERS if a in by_name and b in by_name]
     head = ["streams"] + [f"{s.name} tok/s" for s in servers] + [f"{a.name} / {b.name}" for a, b in pairs]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for i, row in enumerate(servers[0].rows):
