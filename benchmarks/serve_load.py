@@ -212,12 +212,12 @@ def plot(servers: list[Server], path: Path, title: str):
     import matplotlib.pyplot as plt
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
-    for server in servers:
+    for i, server in enumerate(servers):
         rows = server.rows
         c = [r["concurrency"] for r in rows]
-        a.plot(c, [r["output_tokens_per_s"] for r in rows], "o-", label=server.name)
+        a.plot(c, [r["output_tokens_per_s"] for r in rows], "o-", color=f"C{i}", label=server.name)
         for key, style in (("ttft_p50_s", "o-"), ("itl_p50_s", "s--")):
-            b.plot(c, [r[key] * 1000 if r[key] is not None else np.nan for r in rows], style,
+            b.plot(c, [r[key] * 1000 if r[key] is not None else np.nan for r in rows], style, color=f"C{i}",
                    label=f"{server.name} {key[:-6]} p50")
     a.set(xscale="log", xticks=c, xticklabels=c, xlabel="concurrent streams", ylabel="output tokens/s",
           title="aggregate throughput")
