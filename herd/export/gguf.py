@@ -19,8 +19,8 @@ llama.cpp fixes some Llama 4 settings instead of reading them (src/models/llama4
 layer every 4th layer, chunked attention of 8192 and temperature tuning with floor 8192 and scale
 0.1, and q/k norm unless there are 128 experts. A checkpoint whose layer pattern or q/k norm differs
 is refused (its logits would differ from the first token), and so is one with fewer than 4 layers
-(llama.cpp aborts on it); one whose chunk or temperature settings
-differ is exported, and `exact_positions` says for how many positions the logits still agree.
+(llama.cpp aborts on it); one whose chunk or temperature settings differ is exported, and
+`exact_positions` says for how many positions the logits still agree.
 
 `--type q8_0` stores the matrices herd's int8 quantizes (attention, MLPs, experts, lm_head) as
 llama.cpp's Q8_0 (blocks of 32 weights with one fp16 scale; herd's int8 has one scale per row);
@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..config import ModelConfig, TextConfig
+from ..config import TextConfig
 
 # What llama.cpp's llama4 model assumes (src/models/llama4.cpp, src/llama-hparams.h).
 LLAMA_CPP_NOPE_INTERVAL = 4
@@ -118,12 +117,12 @@ def _vocabulary(tokenizer_dir: Path) -> tuple[list[str], list[str], set[int]]:
         by_id[added["id"]] = added["content"]
         if added.get("special", False):
             special.add(added["id"])
-    missing = [i for i in range(len(by_id)) if i not in by_id]
+    missing = [i for i in range(max(by_id) + 1) if i not in by_id]
     if missing:
         raise ValueError(f"{tokenizer_dir / 'tokenizer.json'}: token ids {missing[:5]} are unused; GGUF needs ids "
                          "0..N-1 without gaps")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-    return [by_id[i] for i in range(len(by_id))], merges, special
+    return [by_id[i] for i in range(max(by_id) + 1)], merges, special
 
 
 def _rope_divisors(text: TextConfig) -> np.ndarray | None:
@@ -138,7 +137,7 @@ def _rope_divisors(text: TextConfig) -> np.ndarray | None:
 
 
 def _gguf_tensors(model, text: TextConfig):
-    """(GGUF name, float32 numpy array) for every tensor of the text model, in llama.cpp's layout."""
+    """(GGUF name, float32 tensor) for every tensor of the text model, in llama.cpp's layout."""
     state = {k: v.detach().float() for k, v in model.state_dict().items()}
     yield "token_embd.weight", state.pop("embed_tokens.weight")
     yield "output_norm.weight", state.pop("norm.weight")
@@ -186,8 +185,7 @@ def export_gguf(checkpoint: str | Path, out: str | Path, tensor_type: str = "f32
         raise ValueError(f"{checkpoint} holds quantized weights; export the full-precision checkpoint "
                          "(--type q8_0 quantizes it for llama.cpp)")
     model = from_pretrained(checkpoint, dtype=torch.float32)
-    config: ModelConfig = model.config
-    text = config.text
+    text = model.config.text
     check_exportable(text)
     tokenizer = Tokenizer.from_dir(tokenizer_dir)
     tokens, merges, special = _vocabulary(tokenizer_dir)
