@@ -2,7 +2,7 @@
 
     python benchmarks/serve_load.py [--model DIR] [--url http://127.0.0.1:PORT] [--max-tokens 32]
                                     [--requests-per-stream 2] [--max-seconds 120] [--threads N] [--out serve_load]
-                                    [--llamacpp [--rounds 2]]
+                                    [--llamacpp [--llama-server PATH] [--rounds 2]]
 
 Without --url it starts `herd serve` itself (--max-batch 64) on a free port: on --model, or on a
 random-weight model of benchmarks/common.py's shape (hidden 256, 8 MoE layers) with a small tokenizer
@@ -17,6 +17,8 @@ servers run side by side, herd fp32, llama.cpp f32, herd int8 and llama.cpp Q8_0
 --threads threads, and every level runs on each of them in turn (A, B, A', B'), --rounds times, so
 the ratios come from the same minutes of a shared machine. llama-cpp-python's server holds one
 llama.cpp context behind a lock: it serves requests one at a time, whatever the concurrency.
+--llama-server PATH adds llama.cpp's own C++ server (built from llama.cpp's sources; not part of
+llama-cpp-python) on the same two files, with as many parallel slots as herd's --max-batch.
 
 Per level: errors (must be 0), time to first token and inter-token latency (p50, p99; the gaps
 between streamed chunks: the server sends one per engine output, usually one token, even while
@@ -101,6 +103,15 @@ def start_llamacpp(name: str, gguf: Path, threads: int, stop_ids: list[int]) -> 
     return Server(name, f"http://127.0.0.1:{port}", {"logit_bias": {str(t): -100.0 for t in stop_ids}}, proc)
 
 
+def start_llama_server(name: str, binary: Path, gguf: Path, threads: int, slots: int) -> Server:
+    """llama.cpp's C++ server: continuous batching over `slots` parallel sequences of 256 tokens each."""
+    port = free_port()
+    proc = subprocess.Popen([str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port),
+                             "--threads", str(threads), "--threads-batch", str(threads), "--parallel", str(slots),
+                             "--ctx-size", str(256 * slots)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return Server(name, f"http://127.0.0.1:{port}", {"ignore_eos": True}, proc)
+
+
 async def wait_ready(client, timeout: float = 120.0) -> str:
     import openai
 
@@ -108,7 +119,7 @@ async def wait_ready(client, timeout: float = 120.0) -> str:
     while True:
         try:
             return (await client.models.list()).data[0].id
-        except openai.APIConnectionError:
+        except (openai.APIConnectionError, openai.InternalServerError):  # not listening yet, or loading (503)
             if time.monotonic() > deadline:
                 raise RuntimeError("the server did not come up") from None
             await asyncio.sleep(0.2)
@@ -164,8 +175,9 @@ async def level(client, server: Server, concurrency: int, per_stream: int, max_t
 
     return {"concurrency": concurrency, "requests": len(results), "errors": len(errors), "error_samples": errors[:3],
             "wall_s": wall, "tokens": tokens, "requests_per_s": len(results) / wall,
-            "output_tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99), "itl_p50_s": pct(gaps, 50),
-            "itl_p99_s": pct(gaps, 99), "load_average": (load_before + os.getloadavg()[0]) / 2}
+            "output_tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "itl_p50_s": pct(gaps, 50), "itl_p99_s": pct(gaps, 99),
+            "load_average": (load_before + os.getloadavg()[0]) / 2}
 
 
 def combine(rounds: list[dict]) -> dict:
@@ -184,7 +196,8 @@ def combine(rounds: list[dict]) -> dict:
 
 
 # herd's server and llama.cpp's on the same weight format
-PEERS = (("herd fp32", "llama.cpp f32"), ("herd int8", "llama.cpp q8_0"))
+PEERS = (("herd fp32", "llama.cpp f32"), ("herd int8", "llama.cpp q8_0"), ("herd fp32", "llama-server f32"),
+         ("herd int8", "llama-server q8_0"))
 
 
 def table(servers: list[Server]) -> str:
@@ -260,6 +273,7 @@ async def main():
                    "--n_threads and --n_threads_batch; default with --llamacpp: 1)")
     p.add_argument("--llamacpp", action="store_true", help="also llama.cpp's server on the model as GGUF (f32, "
                    "Q8_0) beside herd fp32 and int8, interleaved")
+    p.add_argument("--llama-server", type=Path, help="with --llamacpp: also this llama.cpp llama-server binary")
     p.add_argument("--rounds", type=int, default=2, help="with --llamacpp: passes over the servers per level")
     p.add_argument("--out", default="serve_load")
     args = p.parse_args()
@@ -267,6 +281,8 @@ async def main():
 
     if args.llamacpp and args.url:
         p.error("--llamacpp starts its own servers; it does not take --url")
+    if args.llama_server and not args.llamacpp:
+        p.error("--llama-server goes with --llamacpp")
     levels = [int(c) for c in args.concurrency.split(",")]
     rounds = args.rounds if args.llamacpp else 1
     servers: list[Server] = []
@@ -282,10 +298,13 @@ async def main():
                 threads = args.threads or 1
                 ggufs = export_ggufs(model, Path(tmp.name))
                 stops = list(Tokenizer.from_dir(model).stop_ids)
-                servers += [start_herd("herd fp32", model, max(levels), threads),
-                            start_llamacpp("llama.cpp f32", ggufs["f32"], threads, stops),
-                            start_herd("herd int8", model, max(levels), threads, "int8"),
-                            start_llamacpp("llama.cpp q8_0", ggufs["q8_0"], threads, stops)]
+                for precision, kind in (("fp32", "f32"), ("int8", "q8_0")):
+                    servers += [start_herd(f"herd {precision}", model, max(levels), threads,
+                                           None if precision == "fp32" else precision),
+                                start_llamacpp(f"llama.cpp {kind}", ggufs[kind], threads, stops)]
+                    if args.llama_server:
+                        servers.append(start_llama_server(f"llama-server {kind}", args.llama_server, ggufs[kind],
+                                                          threads, max(levels)))
             else:
                 servers.append(start_herd("herd", model, max(levels), args.threads))
         clients = {}
