@@ -20,6 +20,7 @@ COMMANDS = {
     "chat": "herd.inference.chat_cmd",
     "serve": "herd.serve.command",
     "eval": "herd.eval.command",
+    "gguf": "herd.export.gguf",
 }
 
 

@@ -1,0 +1,1 @@
+"""Checkpoints written for other runtimes (GGUF for llama.cpp)."""
