@@ -13,7 +13,7 @@ import pytest
 
 from herd.inference import batching, compiled
 
-from .test_serve import TIMEOUT, checkpoint, free_port, greedy_reference, loaded, openai, serve  # noqa: F401
+from .test_serve import free_port, greedy_reference, loaded, openai, serve  # noqa: F401
 
 PROMPTS = ["def f(x):", "import os\n", "x ="]
 
@@ -36,10 +36,10 @@ def test_serve_compile_path_quick(loaded, monkeypatch):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_herd_serve_compile_answers_greedy_text(loaded, checkpoint):  # noqa: F811
+def test_herd_serve_compile_answers_greedy_text(loaded, tiny_checkpoint):  # noqa: F811
     _, tok = loaded
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(checkpoint), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "herd.cli", "serve", str(tiny_checkpoint), "--port", str(port),
                              "--max-batch", "2", "--compile"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env=os.environ.copy())
     try:
