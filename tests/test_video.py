@@ -12,6 +12,7 @@ from PIL import Image
 from herd.chat import render_chat
 from herd.config import ModelConfig, TextConfig, VisionConfig
 from herd.data.corpora import stdlib_texts
+from herd.data.documents import Document
 from herd.data.images import ImageError, ImageProcessor
 from herd.data.synthetic import COLORS
 from herd.data.video import frame_indices, sample_frames
@@ -170,3 +171,67 @@ def test_several_images_and_frames_lay_out_as_transformers_llama4_processor_does
     assert ours.ids == list(theirs["input_ids"][0])
     assert torch.equal(ours.pixel_values, torch.as_tensor(theirs["pixel_values"]))
     assert ours.ids.count(tok.image_start_id) == 4
+
+
+def _clip_run(tok, tmp_path, clips: int):
+    """A Run of the smoke preset whose joint stage mixes `clips` captioned clips into its caption rows
+    (no model is run: the stage's loader is what is tested, so the model is only its config)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from herd.presets import tiny
+    from herd.train.config import smoke
+    from herd.train.recipes import Run
+
+    cfg = dataclasses.replace(smoke(), images=4, clips=clips)
+    return Run(cfg, tmp_path, tok, SimpleNamespace(config=tiny()), [], [], 1.0)
+
+
+def test_joint_stage_trains_on_clip_captions_with_all_their_frames(tok, tmp_path):
+    from herd.model.head_loss import IGNORE
+    from herd.train.recipes import joint
+
+    run = _clip_run(tok, tmp_path, clips=6)
+    run.train_docs = [Document.from_ids(tok.encode("x = 1\n" * 40, bos=True, eos=True), tok)]
+    captions = joint(run).data.loaders[1]  # the joint stage's image-caption rows
+    per_tile = run.image_processor.tokens_per_tile
+    clip_tiles = {tuple(d.pixels().flatten()[::97].tolist()): d for d in run.clips}
+    seen = 0
+    for _ in range(captions.batches_per_epoch()):
+        batch = next(captions)
+        tiles_before = 0
+        for row in range(batch.input_ids.shape[0]):
+            ids, labels, docs = batch.input_ids[row], batch.labels[row], batch.document_ids[row]
+            for d in docs.unique().tolist():
+                if d < 0:
+                    continue
+                where = (docs == d).nonzero().flatten()
+                doc_ids, doc_labels = ids[where], labels[where]
+                tiles = int((doc_ids == tok.patch_id).sum()) // per_tile
+                if int((doc_ids == tok.image_start_id).sum()) == 4:  # a clip: 4 frames, then its caption
+                    targets = doc_labels[doc_labels != IGNORE].tolist()
+                    caption = tok.decode(targets[:-1])
+                    assert targets[-1] == tok.end_of_text_id and caption.startswith("A ") and " circle moves " in caption
+                    last_frame_end = int((doc_ids == tok.image_end_id).nonzero().max())
+                    assert (doc_labels[:last_frame_end] == IGNORE).all()  # no frame id is a target
+                    pixels = batch.pixel_values[tiles_before:tiles_before + tiles]
+                    assert pixels.shape[0] == 4
+                    doc = clip_tiles[tuple(pixels.flatten()[::97].tolist())]  # the tiles are this clip's frames
+                    assert torch.equal(pixels, doc.pixels()) and not torch.equal(pixels[0], pixels[-1])
+                    seen += 1
+                tiles_before += tiles
+        assert tiles_before == batch.pixel_values.shape[0]
+    assert seen == 6  # every clip, once an epoch
+    assert max(len(d) for d in run.clips) <= run.cfg.train.seq_len  # a clip fits a row
+
+
+def test_clip_documents_never_hold_a_held_out_clip(tok):
+    from herd.tasks.base import in_split
+    from herd.tasks.clips import ClipQuestions, clip_documents, clip_key
+
+    docs = clip_documents(tok, ImageProcessor(tile_size=64, patch_size=8, max_tiles=1), 40)
+    trained = [d.pixel_values.index for d in docs]
+    skipped = set(range(max(trained) + 1)) - set(trained)
+    assert skipped and all(not in_split(clip_key(i), "train", ClipQuestions.test_fraction) for i in skipped)
+    held_out = {p.key for p in ClipQuestions().problems("test", 50, level=1)}
+    assert held_out.isdisjoint(clip_key(i) for i in trained)
