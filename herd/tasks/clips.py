@@ -15,7 +15,6 @@ caption of about 15 tokens, so a clip fits a 128-token row). Only the caption is
 from __future__ import annotations
 
 import random
-
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
