@@ -211,7 +211,8 @@ def test_joint_stage_trains_on_clip_captions_with_all_their_frames(tok, tmp_path
                 if int((doc_ids == tok.image_start_id).sum()) == 4:  # a clip: 4 frames, then its caption
                     targets = doc_labels[doc_labels != IGNORE].tolist()
                     caption = tok.decode(targets[:-1])
-                    assert targets[-1] == tok.end_of_text_id and caption.startswith("A ") and " circle moves " in caption
+                    assert targets[-1] == tok.end_of_text_id
+                    assert caption.startswith("A ") and " circle moves " in caption
                     last_frame_end = int((doc_ids == tok.image_end_id).nonzero().max())
                     assert (doc_labels[:last_frame_end] == IGNORE).all()  # no frame id is a target
                     pixels = batch.pixel_values[tiles_before:tiles_before + tiles]
