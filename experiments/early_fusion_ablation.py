@@ -36,7 +36,8 @@ from herd.train.config import quick
 from herd.train.metrics import measure_matmul_peak
 from herd.train.recipes import TEXT_TOWER, Run, Stage, align, joint, run_stage, text
 
-METRICS = {"shape_precision": "shapes named that are in the scene", "exact": "exact captions",
+METRICS = {"shapes_named": "shape words in the captions", "shape_precision": "of them in the scene",
+           "exact": "exact captions",
            "caption_loss": "held-out caption loss (nats/token)", "code_loss": "held-out code loss (nats/token)"}
 
 
@@ -54,7 +55,9 @@ def score(run: Run) -> dict:
     model.eval()
     with torch.no_grad():
         captions = generate_captions(model, run.heldout, run.tokenizer)
-        result = {**caption_accuracy(captions, run.heldout_scenes()),
+        scenes = run.heldout_scenes()
+        print("  held-out captions (truth):", "; ".join(f"{c!r} ({s.caption()!r})" for c, s in zip(captions[:3], scenes)))
+        result = {**caption_accuracy(captions, scenes),
                   "caption_loss": run.caption_eval(model)["loss"], "code_loss": run.code_eval(model)["loss"]}
     model.train()
     return result
@@ -108,7 +111,8 @@ def main():
     print("|---" * (len(METRICS) + 2) + "|")
     fmt = lambda xs, f: f.format(np.mean(xs)) + (f" ({f.format(min(xs))}-{f.format(max(xs))})" if len(xs) > 1 else "")  # noqa: E731
     for name, rs in results.items():
-        cells = [fmt([r[k] for r in rs], "{:.0%}" if k in ("shape_precision", "exact") else "{:.3f}") for k in METRICS]
+        form = {"shape_precision": "{:.0%}", "exact": "{:.0%}", "shapes_named": "{:.0f}"}
+        cells = [fmt([r[k] for r in rs], form.get(k, "{:.3f}")) for k in METRICS]
         print(f"| {name} | " + " | ".join(cells) + f" | {fmt([r['cpu_s'] for r in rs], '{:.0f}')} |")
     plot(results, chance, Path(args.out) / "early_fusion.png")
 
@@ -127,7 +131,7 @@ def plot(results: dict[str, list[dict]], chance: float, path: Path) -> None:
             ax.plot([i] * len(xs), xs, "k.", ms=8)  # each seed
         if key == "shape_precision":
             ax.axhline(chance, color="gray", ls="--", lw=1, label="naming at random")
-        ax.set_title(METRICS[key], fontsize=9)
+        ax.set_title({"shape_precision": "shapes named that are in the scene"}.get(key, METRICS[key]), fontsize=9)
         ax.set_xticks([])
     axes[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("early fusion against adapter-only (frozen language model): bars = mean, dots = seeds", fontsize=10)
