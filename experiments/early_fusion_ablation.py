@@ -1,7 +1,7 @@
 """Early fusion against image features fed only through the adapter to a frozen language model
 (issue 14; SPEC 1 and 6).
 
-    python experiments/early_fusion_ablation.py [--text-steps 150] [--steps 60] [--seeds 0,1] [--out docs/ablations]
+    python experiments/early_fusion_ablation.py [--text-steps 150] [--steps 120] [--seeds 0,1] [--out docs/ablations]
 
 One text model of the tiny preset is pretrained once (`herd train --quick`'s text stage: batch 8 x
 256 tokens of stdlib code) and shared. Then, per seed, from that model with the same freshly
@@ -66,7 +66,7 @@ def score(run: Run) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--text-steps", type=int, default=150)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--out", default="docs/ablations")
     args = parser.parse_args()
