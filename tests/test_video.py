@@ -3,6 +3,7 @@ the clips task (herd.tasks.clips), and `herd eval`'s tasks on a tiny model with 
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from herd.eval.command import EvalConfig, run_eval
 from herd.hf import save_pretrained
 from herd.model import Llama4
 from herd.tasks import get_task
-from herd.tasks.clips import DIRECTIONS, moving_circle
+from herd.tasks.clips import DIRECTIONS, event_clip, moving_circle
 from herd.tokenizer import train_tokenizer
 
 
@@ -101,6 +102,27 @@ def test_clips_move_the_circle_the_way_the_answer_says():
             moves.append(centres[-1] - centres[0])
         step = max(moves, key=lambda m: np.abs(m).sum())
         assert np.allclose(np.sign(np.round(step)), DIRECTIONS[direction]), (index, direction, step)
+
+
+def test_training_clips_show_the_event_their_caption_names():
+    words = ("first", "second", "third", "fourth")
+    for index in range(1, 13):
+        frames, caption = event_clip(index)
+        count = lambda frame, name: int((np.asarray(frame) == COLORS[name]).all(-1).sum())  # noqa: E731
+        if index % 3 == 0:
+            moved, direction = moving_circle(index)  # the clips task's own clip
+            assert f" circle moves {direction}" in caption
+            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, moved))
+            continue
+        found = re.fullmatch(r"A (\w+) circle appears in the (\w+) frame\.", caption) if index % 3 == 1 else \
+            re.fullmatch(r"A circle changes from (\w+) to (\w+) in the (\w+) frame\.", caption)
+        assert found, caption
+        *names, when = found.groups()
+        when = words.index(when)
+        for t, frame in enumerate(frames):
+            shown = names[-1] if t >= when else (names[0] if len(names) == 2 else None)
+            for name in COLORS:  # exactly the colour the caption says is in the frame, and no other
+                assert (count(frame, name) > 50) == (name == shown), (index, caption, t, name)
 
 
 def test_clips_task_problems_and_checker():
@@ -196,7 +218,7 @@ def test_joint_stage_trains_on_clip_captions_with_all_their_frames(tok, tmp_path
     captions = joint(run).data.loaders[1]  # the joint stage's image-caption rows
     per_tile = run.image_processor.tokens_per_tile
     clip_tiles = {tuple(d.pixels().flatten()[::97].tolist()): d for d in run.clips}
-    seen = 0
+    seen, kinds = 0, set()
     for _ in range(captions.batches_per_epoch()):
         batch = next(captions)
         tiles_before = 0
@@ -212,7 +234,8 @@ def test_joint_stage_trains_on_clip_captions_with_all_their_frames(tok, tmp_path
                     targets = doc_labels[doc_labels != IGNORE].tolist()
                     caption = tok.decode(targets[:-1])
                     assert targets[-1] == tok.end_of_text_id
-                    assert caption.startswith("A ") and " circle moves " in caption
+                    assert re.fullmatch(r"A (\w+ )?circle (moves|appears|changes) .*\.", caption), caption
+                    kinds.add(caption.split(" circle ")[1].split(" ")[0])
                     last_frame_end = int((doc_ids == tok.image_end_id).nonzero().max())
                     assert (doc_labels[:last_frame_end] == IGNORE).all()  # no frame id is a target
                     pixels = batch.pixel_values[tiles_before:tiles_before + tiles]
@@ -222,7 +245,7 @@ def test_joint_stage_trains_on_clip_captions_with_all_their_frames(tok, tmp_path
                     seen += 1
                 tiles_before += tiles
         assert tiles_before == batch.pixel_values.shape[0]
-    assert seen == 6  # every clip, once an epoch
+    assert seen == 6 and kinds == {"moves", "appears", "changes"}  # every clip once an epoch, each kind of event
     assert max(len(d) for d in run.clips) <= run.cfg.train.seq_len  # a clip fits a row
 
 

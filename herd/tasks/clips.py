@@ -6,8 +6,9 @@ put; the answer is the direction. Level 2, two pictures (scenes of herd.data.syn
 picture has more shapes, the first or the second?" (never a tie). The clip or scene number is the
 split key, so held-out clips are never seen in training.
 
-`clip_documents` makes the clips of the TRAIN split into early-fusion training documents for the
-joint stage: <|begin_of_text|> frame 1 ... frame 4 caption <|end_of_text|>, each frame one 64x64
+`clip_documents` makes clips of the TRAIN split into early-fusion training documents for the
+joint stage, in turn a circle that moves (the task's clip), a circle that appears, and a circle that
+changes colour (`event_clip`): <|begin_of_text|> frame 1 ... frame 4 caption <|end_of_text|>, each frame one 64x64
 tile (at the tiny model's tile size, 16 image tokens + 3 layout ids a frame: 76 for a clip, plus a
 caption of about 15 tokens, so a clip fits a 128-token row). Only the caption is a target.
 """
@@ -66,6 +67,32 @@ def described_clip(index: int, image_size: int = 64) -> tuple[list[Image.Image],
     return frames, direction, f"A {color} circle moves {direction}{squares}."
 
 
+EVENTS = ("moves", "appears", "changes colour")  # training clip `index` shows EVENTS[index % 3]
+FRAME_WORDS = ("first", "second", "third", "fourth")
+
+
+def event_clip(index: int, image_size: int = 64) -> tuple[list[Image.Image], str]:
+    """Training clip number `index`: its frames and a caption of what happens in it."""
+    event = EVENTS[index % len(EVENTS)]
+    if event == "moves":  # the clips task's own clip: its test split stays held out
+        frames, _, caption = described_clip(index, image_size)
+        return frames, caption
+    rng = random.Random(f"event:{CLIP_SEED}:{index}")
+    x, y = rng.uniform(RADIUS + 2, image_size - RADIUS - 2), rng.uniform(RADIUS + 2, image_size - RADIUS - 2)
+    first, then = rng.sample(list(COLORS), 2)
+    change = rng.randint(1, FRAMES - 1)  # the first frame that shows the event
+    frames = []
+    for t in range(FRAMES):
+        image = Image.new("RGB", (image_size, image_size), BACKGROUND)
+        if event == "changes colour" or t >= change:
+            color = COLORS[then if event == "appears" or t >= change else first]
+            ImageDraw.Draw(image).ellipse((x - RADIUS, y - RADIUS, x + RADIUS, y + RADIUS), fill=color)
+        frames.append(image)
+    if event == "appears":
+        return frames, f"A {then} circle appears in the {FRAME_WORDS[change]} frame."
+    return frames, f"A circle changes from {first} to {then} in the {FRAME_WORDS[change]} frame."
+
+
 def clip_key(index: int) -> str:
     return f"clip:{CLIP_SEED}:{index}"
 
@@ -78,7 +105,7 @@ class ClipPixels:
     processor: ImageProcessor
 
     def __call__(self) -> torch.Tensor:
-        frames = moving_circle(self.index, self.image_size)[0]
+        frames = event_clip(self.index, self.image_size)[0]
         return torch.cat([self.processor(frame).pixel_values for frame in frames])
 
 
@@ -90,7 +117,7 @@ def clip_documents(tokenizer: "Tokenizer", processor: ImageProcessor, count: int
     docs, index = [], 0
     while len(docs) < count:
         if in_split(clip_key(index), "train", ClipQuestions.test_fraction):
-            frames, _, caption = described_clip(index, size)
+            frames, caption = event_clip(index, size)
             ids, tiles = [tokenizer.bos_id], 0
             for frame in frames:
                 frame_ids, pixels = processor.encode(frame, tokenizer)
