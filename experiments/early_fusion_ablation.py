@@ -47,7 +47,7 @@ def adapter_only(run: Run) -> Stage:
     caption_rows = max(1, round(tc.batch_size * cfg.caption_fraction))
     stage = align(run)
     return dataclasses.replace(stage, config=run.stage_config(cfg.joint_steps, cfg.align_lr, balance="none"),
-                               data=run.scene_loader(caption_rows, tc.seed + 7))
+                               data=run.scene_loader(caption_rows, tc.seed + 7, with_clips=True))
 
 
 def score(run: Run) -> dict:

@@ -28,7 +28,7 @@ def load_experiment():
 
 def test_adapter_only_matches_the_joint_stage_in_steps_and_caption_rows(tmp_path):
     tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=30_000)], num_bpe_ranks=300)
-    cfg = dataclasses.replace(smoke(), images=12, clips=0, joint_steps=7)
+    cfg = dataclasses.replace(smoke(), images=12, clips=3, joint_steps=7)
     code = [Document.from_ids(tok.encode("x = 1\n" * 40, bos=True, eos=True), tok)]
     run = Run(cfg, tmp_path, tok, SimpleNamespace(config=tiny()), code, [], 1.0)
     fused, frozen = joint(run), load_experiment().adapter_only(run)
