@@ -1,6 +1,7 @@
 """MoE against dense, at equal active parameters and at equal total parameters (issue 14; SPEC 2.2).
 
-    python experiments/moe_dense_ablation.py [--steps 400] [--seeds 0,1]
+    python experiments/moe_dense_ablation.py [--steps 400] [--seeds 0,1] [--out docs/ablations]
+    python experiments/moe_dense_ablation.py --plot-only docs/ablations/moe_dense.json
 
 Three text decoders of 4 layers, width 96, the same attention (iRoPE, chunk 32), the same data,
 steps and batch (8 x 128 tokens of the stdlib's training split, BPE with 1,024 ranks):
@@ -12,15 +13,19 @@ steps and batch (8 x 128 tokens of the stdlib's training split, BPE with 1,024 r
 - dense, equal total: every layer dense and as wide as makes the total parameters equal the MoE
   model's (about twice the parameters, and FLOPs, per token of the other two).
 Scored on held-out code (the validation split): loss per token and bits per byte, in windows of
-the training length. Prints a markdown table (mean over seeds, and the range).
+the training length. Prints a markdown table (mean over seeds, and the range), saves the per-seed
+results as moe_dense.json and plots the held-out loss per model and seed (moe_dense.png) in --out;
+--plot-only redraws the plot from such a JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,7 +70,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--out", default="docs/ablations")
+    parser.add_argument("--plot-only", metavar="JSON", help="redraw the plot from a saved moe_dense.json")
     args = parser.parse_args()
+    if args.plot_only:
+        saved = json.loads(Path(args.plot_only).read_text())
+        plot(saved["results"], saved["steps"], Path(args.plot_only).with_suffix(".png"))
+        return
     torch.set_num_threads(1)
     cpu0 = time.process_time()
     tok = train_tokenizer([d.text for d in stdlib_texts("train", max_bytes=400_000)], num_bpe_ranks=1024)
@@ -103,6 +114,35 @@ def main():
         total, active = params[name]
         print(f"| {name} | {total:,} | {active:,} | {fmt([r['loss'] for r in rs], '{:.3f}')} | "
               f"{fmt([r['bpb'] for r in rs], '{:.3f}')} | {fmt([r['cpu_s'] for r in rs], '{:.0f}')} |")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "moe_dense.json").write_text(json.dumps({"steps": args.steps, "results": results}, indent=1))
+    plot(results, args.steps, out / "moe_dense.png")
+
+
+def plot(results: dict[str, list[dict]], steps: int, path: Path) -> None:
+    """Held-out loss per model: each seed a dot, the mean a bar, the seeds' range a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for i, (name, rs) in enumerate(results.items()):
+        losses = [r["loss"] for r in rs]
+        ax.barh(i, np.mean(losses), color=f"C{i}", alpha=0.6)
+        ax.plot([min(losses), max(losses)], [i, i], "k-", lw=1)
+        for seed, loss in enumerate(losses):
+            ax.plot(loss, i, "ko", ms=5)
+            ax.annotate(f"seed {seed}", (loss, i), textcoords="offset points", xytext=(0, 6), fontsize=7, ha="center")
+    ax.set_yticks(range(len(results)), [name.replace(" (", "\n(") for name in results], fontsize=8)
+    everything = [r["loss"] for rs in results.values() for r in rs]
+    ax.set_xlim(min(everything) - 0.1, max(everything) + 0.05)  # the gaps are small: start the axis near them
+    ax.set_xlabel("held-out loss (nats/token), lower is better")
+    ax.set_title(f"MoE against dense after {steps} steps: bars = mean, dots = seeds", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

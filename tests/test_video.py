@@ -3,6 +3,7 @@ the clips task (herd.tasks.clips), and `herd eval`'s tasks on a tiny model with 
 
 import io
 import json
+import re
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 from herd.chat import render_chat
 from herd.config import ModelConfig, TextConfig, VisionConfig
 from herd.data.corpora import stdlib_texts
+from herd.data.documents import Document
 from herd.data.images import ImageError, ImageProcessor
 from herd.data.synthetic import COLORS
 from herd.data.video import frame_indices, sample_frames
@@ -19,7 +21,7 @@ from herd.eval.command import EvalConfig, run_eval
 from herd.hf import save_pretrained
 from herd.model import Llama4
 from herd.tasks import get_task
-from herd.tasks.clips import DIRECTIONS, moving_circle
+from herd.tasks.clips import DIRECTIONS, event_clip, moving_circle
 from herd.tokenizer import train_tokenizer
 
 
@@ -102,6 +104,27 @@ def test_clips_move_the_circle_the_way_the_answer_says():
         assert np.allclose(np.sign(np.round(step)), DIRECTIONS[direction]), (index, direction, step)
 
 
+def test_training_clips_show_the_event_their_caption_names():
+    words = ("first", "second", "third", "fourth")
+    for index in range(1, 13):
+        frames, caption = event_clip(index)
+        count = lambda frame, name: int((np.asarray(frame) == COLORS[name]).all(-1).sum())  # noqa: E731
+        if index % 3 == 0:
+            moved, direction = moving_circle(index)  # the clips task's own clip
+            assert f" circle moves {direction}" in caption
+            assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(frames, moved))
+            continue
+        found = re.fullmatch(r"A (\w+) circle appears in the (\w+) frame\.", caption) if index % 3 == 1 else \
+            re.fullmatch(r"A circle changes from (\w+) to (\w+) in the (\w+) frame\.", caption)
+        assert found, caption
+        *names, when = found.groups()
+        when = words.index(when)
+        for t, frame in enumerate(frames):
+            shown = names[-1] if t >= when else (names[0] if len(names) == 2 else None)
+            for name in COLORS:  # exactly the colour the caption says is in the frame, and no other
+                assert (count(frame, name) > 50) == (name == shown), (index, caption, t, name)
+
+
 def test_clips_task_problems_and_checker():
     task = get_task("clips")
     clip, pair = task.problems("test", 2)
@@ -170,3 +193,69 @@ def test_several_images_and_frames_lay_out_as_transformers_llama4_processor_does
     assert ours.ids == list(theirs["input_ids"][0])
     assert torch.equal(ours.pixel_values, torch.as_tensor(theirs["pixel_values"]))
     assert ours.ids.count(tok.image_start_id) == 4
+
+
+def _clip_run(tok, tmp_path, clips: int):
+    """A Run of the smoke preset whose joint stage mixes `clips` captioned clips into its caption rows
+    (no model is run: the stage's loader is what is tested, so the model is only its config)."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from herd.presets import tiny
+    from herd.train.config import smoke
+    from herd.train.recipes import Run
+
+    cfg = dataclasses.replace(smoke(), images=4, clips=clips)
+    return Run(cfg, tmp_path, tok, SimpleNamespace(config=tiny()), [], [], 1.0)
+
+
+def test_joint_stage_trains_on_clip_captions_with_all_their_frames(tok, tmp_path):
+    from herd.model.head_loss import IGNORE
+    from herd.train.recipes import joint
+
+    run = _clip_run(tok, tmp_path, clips=6)
+    run.train_docs = [Document.from_ids(tok.encode("x = 1\n" * 40, bos=True, eos=True), tok)]
+    captions = joint(run).data.loaders[1]  # the joint stage's image-caption rows
+    per_tile = run.image_processor.tokens_per_tile
+    clip_tiles = {tuple(d.pixels().flatten()[::97].tolist()): d for d in run.clips}
+    seen, kinds = 0, set()
+    for _ in range(captions.batches_per_epoch()):
+        batch = next(captions)
+        tiles_before = 0
+        for row in range(batch.input_ids.shape[0]):
+            ids, labels, docs = batch.input_ids[row], batch.labels[row], batch.document_ids[row]
+            for d in docs.unique().tolist():
+                if d < 0:
+                    continue
+                where = (docs == d).nonzero().flatten()
+                doc_ids, doc_labels = ids[where], labels[where]
+                tiles = int((doc_ids == tok.patch_id).sum()) // per_tile
+                if int((doc_ids == tok.image_start_id).sum()) == 4:  # a clip: 4 frames, then its caption
+                    targets = doc_labels[doc_labels != IGNORE].tolist()
+                    caption = tok.decode(targets[:-1])
+                    assert targets[-1] == tok.end_of_text_id
+                    assert re.fullmatch(r"A (\w+ )?circle (moves|appears|changes) .*\.", caption), caption
+                    kinds.add(caption.split(" circle ")[1].split(" ")[0])
+                    last_frame_end = int((doc_ids == tok.image_end_id).nonzero().max())
+                    assert (doc_labels[:last_frame_end] == IGNORE).all()  # no frame id is a target
+                    pixels = batch.pixel_values[tiles_before:tiles_before + tiles]
+                    assert pixels.shape[0] == 4
+                    doc = clip_tiles[tuple(pixels.flatten()[::97].tolist())]  # the tiles are this clip's frames
+                    assert torch.equal(pixels, doc.pixels()) and not torch.equal(pixels[0], pixels[-1])
+                    seen += 1
+                tiles_before += tiles
+        assert tiles_before == batch.pixel_values.shape[0]
+    assert seen == 6 and kinds == {"moves", "appears", "changes"}  # every clip once an epoch, each kind of event
+    assert max(len(d) for d in run.clips) <= run.cfg.train.seq_len  # a clip fits a row
+
+
+def test_clip_documents_never_hold_a_held_out_clip(tok):
+    from herd.tasks.base import in_split
+    from herd.tasks.clips import ClipQuestions, clip_documents, clip_key
+
+    docs = clip_documents(tok, ImageProcessor(tile_size=64, patch_size=8, max_tiles=1), 40)
+    trained = [d.pixel_values.index for d in docs]
+    skipped = set(range(max(trained) + 1)) - set(trained)
+    assert skipped and all(not in_split(clip_key(i), "train", ClipQuestions.test_fraction) for i in skipped)
+    held_out = {p.key for p in ClipQuestions().problems("test", 50, level=1)}
+    assert held_out.isdisjoint(clip_key(i) for i in trained)

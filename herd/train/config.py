@@ -126,6 +126,7 @@ class RunConfig:
     images: int = 4000  # synthetic training scenes
     image_batch: int = 32  # image-caption pairs per micro-batch in the vision stages
     caption_fraction: float = 0.25  # joint stage: share of rows that are image-caption rows
+    clips: int = 400  # joint stage: captioned synthetic clips (4 frames each) among the caption rows' documents
     samples: int = 4  # code samples and captions shown at the end
     heldout_images: int = 64  # held-out scenes for the captioning check
     nll_files: int = 16  # held-out code files for NLL by position
@@ -166,7 +167,7 @@ class RunConfig:
 
     def __post_init__(self):
         for name in ("contrastive_steps", "align_steps", "joint_steps", "code_bytes", "sft_steps", "sft_problems",
-                     "sft_code", "rl_steps", "rl_problems", "dpo_steps", "dpo_problems"):
+                     "sft_code", "rl_steps", "rl_problems", "dpo_steps", "dpo_problems", "clips"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.caption_fraction < 1:
@@ -226,7 +227,7 @@ def quick() -> RunConfig:
     """The same pipeline in under two minutes: every stage runs, learning is only beginning."""
     return RunConfig(out="runs/quick", tokenizer_bytes=2_000_000, code_bytes=3_000_000,
                      contrastive_steps=20, align_steps=20, joint_steps=40,
-                     images=400, heldout_images=24, samples=2, nll_files=4, nll_len=512,
+                     images=400, clips=40, heldout_images=24, samples=2, nll_files=4, nll_len=512,
                      sft_steps=40, sft_lr=2e-3, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
                      answer_tokens=40, rl_steps=6, rl_problems=12, rl_prompts=4, rl_refilter_every=3,
                      dpo_steps=6, dpo_problems=12,
@@ -238,7 +239,7 @@ def smoke() -> RunConfig:
     """Seconds: for tests. A small tokenizer and a few steps of each stage."""
     return RunConfig(out="runs/smoke", bpe_ranks=1024, tokenizer_bytes=300_000, code_bytes=400_000,
                      contrastive_steps=3, align_steps=3, joint_steps=4,
-                     images=64, image_batch=8, heldout_images=8, samples=1, nll_files=2, nll_len=128,
+                     images=64, clips=8, image_batch=8, heldout_images=8, samples=1, nll_files=2, nll_len=128,
                      sft_steps=3, sft_problems=6, sft_code=6, tag_samples=2, post_eval_problems=4, answer_tokens=16,
                      rl_steps=3, rl_problems=4, rl_prompts=2, rl_group=2, rl_refilter_every=2, rl_max_attempts=2,
                      dpo_steps=3, dpo_problems=4, dpo_samples=2, dpo_pairs=2,

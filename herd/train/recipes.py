@@ -8,7 +8,7 @@ training loop (herd.train.loop), which knows nothing of stages. `herd train` run
     contrastive  CLIP-style pretraining of the vision encoder on image-caption pairs
     text         language-model pretraining on code (the bulk of the compute)
     align        adapter alignment: vision tower + projector learn, the language model is frozen
-    joint        early fusion on a mixture of code rows and captioned-image rows, all weights learn
+    joint        early fusion on a mixture of code rows and captioned-image rows (scenes and clips), all weights learn
     sft          supervised fine-tuning on the hard part of task conversations and code instructions
     rl           online GRPO on task prompts (text and image) the policy keeps re-filtering to medium-to-hard
     dpo          DPO on pairs from the policy's own graded answers, against a frozen reference
@@ -44,6 +44,7 @@ from ..data.packing import Batch, Mixture, PackedLoader
 from ..data.synthetic import make_scene
 from ..model import Llama4
 from ..tasks import Problem, Task, get_task
+from ..tasks.clips import clip_documents
 from ..tokenizer import Tokenizer
 from .captions import ContrastivePairs
 from .config import RunConfig, TrainConfig
@@ -110,12 +111,13 @@ class Run:
         return PackedLoader(docs, seq_len=self.cfg.train.seq_len, batch_size=batch_size, pad_id=self.tokenizer.pad_id,
                             seed=seed, rank=self.rank, world_size=self.world_size, **kw)
 
-    def scene_loader(self, batch_size: int, seed: int) -> PackedLoader:
-        """This rank's captioned-scene rows, each caption with its image. A batch without an image
-        (a padding batch at the end of an epoch) still runs the vision tower, on zero tiles, so that
-        every rank joins the same FSDP2 collectives."""
+    def scene_loader(self, batch_size: int, seed: int, with_clips: bool = False) -> PackedLoader:
+        """This rank's captioned-scene rows (and, with_clips, captioned clips), each caption with its
+        image(s). A batch without an image (a padding batch at the end of an epoch) still runs the
+        vision tower, on zero tiles, so that every rank joins the same FSDP2 collectives."""
         tile = (self.vision.num_channels, self.vision.image_size, self.vision.image_size)
-        return self.loader(self.scenes, batch_size, seed, whole_documents=True, tile_shape=tile)
+        docs = self.scenes + self.clips if with_clips else self.scenes
+        return self.loader(docs, batch_size, seed, whole_documents=True, tile_shape=tile)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         """Under torchrun, FSDP2 + expert parallelism over the run's mesh (bf16 compute with --bf16);
@@ -178,6 +180,11 @@ class Run:
     def scenes(self) -> list[Document]:
         """Captioned synthetic scenes for training: <|begin_of_text|> image caption <|end_of_text|>."""
         return scene_documents(self.tokenizer, self.image_processor, self.cfg.images, seed=self.cfg.train.seed)
+
+    @cached_property
+    def clips(self) -> list[Document]:
+        """Captioned synthetic clips of the clips task's train split (its test clips stay unseen)."""
+        return clip_documents(self.tokenizer, self.image_processor, self.cfg.clips)
 
     @cached_property
     def heldout(self) -> list[Document]:
@@ -277,7 +284,7 @@ def joint(run: Run) -> Stage | None:
     # The code rows carry on where the text stage stopped (the same row order, one epoch), so joint
     # training reads code it has not seen yet.
     code.batch = -(-tc.steps * tc.grad_accum * tc.batch_size // code.batch_size)
-    captions = run.scene_loader(caption_rows, tc.seed + 7)
+    captions = run.scene_loader(caption_rows, tc.seed + 7, with_clips=True)
 
     def evaluate(model):
         return {**run.code_eval(model), "caption_loss": run.caption_eval(model)["loss"]}
