@@ -58,9 +58,10 @@ from .post_losses import DPOLoss, GRPOLoss, PreferenceBatch, answer_rows
 from .rollouts import dpo_pairs, preference_rows, sample_rollouts, task_accuracy
 
 TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
-# The MFU herd's text stage reaches on 2-core CPUs (33-41% measured on AVX2 and AVX-512 machines,
-# docs/training.md): what the duration estimate assumes before a stage has run a step.
-TYPICAL_MFU = 0.35
+# The MFU the decoder stages reach on 2-core CPUs (text 51%, joint 48% on a quiet AVX2 Zen 3 machine;
+# docs/training.md), less a margin for a busy machine: what the duration estimate assumes before a
+# stage has run a step.
+TYPICAL_MFU = 0.45
 
 
 @dataclass
