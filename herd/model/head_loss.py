@@ -38,6 +38,7 @@ def _chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grads
     loss = torch.zeros((), dtype=torch.float32, device=h.device)
     grad_h = torch.empty_like(h) if grads else None
     grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grads else None
+    any_ignored = grads and bool((targets == IGNORE).any())  # one device sync per call, not one per chunk
     for a in range(0, N, rows):
         h_c, t_c = h[a:a + rows], targets[a:a + rows]
         logp = torch.log_softmax((h_c @ weight.T).float(), dim=-1)  # [n, V]; one fused pass per row
@@ -47,7 +48,7 @@ def _chunked(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grads
         if grads:  # d(loss)/d(logits) = softmax - one-hot, zero on ignored rows; built in place
             grad = logp.exp_()
             grad.scatter_add_(1, picked, torch.full_like(picked, -1, dtype=grad.dtype))
-            if invalid.any():
+            if any_ignored:
                 grad[invalid] = 0
             grad_h[a:a + rows] = (grad.to(weight.dtype) @ weight).to(h.dtype)
             grad_w.addmm_(grad.T, h_c.float())
