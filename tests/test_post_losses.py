@@ -186,6 +186,15 @@ def test_drop_easy_and_the_curriculum_window():
     assert kept == ["c", "d"] and dropped == 0.5
     with pytest.raises(ValueError, match="one score per item"):
         drop_easy(["a"], [0.1, 0.2], 0.5)
+    # keep: of what is not easy, only the hardest share of all items stays, in the items' order;
+    # tuples rank by pass rate first, then by minus the answer loss (a higher loss is harder)
+    items = ["a", "b", "c", "d", "e", "f"]
+    easiness = [(0.0, -2.0), (0.0, -5.0), (1.0, -9.0), (0.25, -9.0), (0.0, -1.0), (0.0, -3.0)]
+    kept, dropped = drop_easy(items, easiness, threshold=0.5, keep=0.5)
+    assert kept == ["a", "b", "f"] and dropped == 0.5
+    assert drop_easy(items, easiness, threshold=0.5, keep=1.0)[0] == ["a", "b", "d", "e", "f"]
+    with pytest.raises(ValueError, match="keep must be in"):
+        drop_easy(items, easiness, 0.5, keep=0.0)
 
 
 def test_loss_difficulty_is_the_mean_answer_loss():

@@ -25,8 +25,10 @@ def records(out, stage, kind):
 
 def test_sft_tags_drops_trains_and_reports_accuracy(tmp_path, capsys):
     # Every code instruction is easy (its loss is below 100 nats); no task prompt is (the smoke
-    # model never answers all its samples right), so the dropped fraction is the code's share.
-    cfg = smoke_cfg(tmp_path, easy_loss=100.0, easy_pass_rate=1.0, answer_tokens=8, post_eval_problems=2)
+    # model never answers all its samples right) and all are kept (sft_keep=1), so the dropped
+    # fraction is the code's share.
+    cfg = smoke_cfg(tmp_path, easy_loss=100.0, easy_pass_rate=1.0, sft_keep=1.0, answer_tokens=8,
+                    post_eval_problems=2)
     summary = run(cfg, stages=("text", "sft"))
     assert "[sft] difficulty tags: dropped" in capsys.readouterr().out
     result = summary["stages"]["sft"]
@@ -230,7 +232,7 @@ def test_post_training_alone_on_a_checkpoint_with_the_users_data(tmp_path, capsy
     data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     out = tmp_path / "run"
     assert main(["train", "smoke", f"--out={out}", f"--init={ckpt}", "--stages=sft,dpo", f"--sft_data={data}",
-                 f"--dpo_data={data}", "--easy_loss=0", "--answer_tokens=8", "--post_eval_problems=2"]) == 0
+                 f"--dpo_data={data}", "--easy_loss=0", "--sft_keep=1", "--answer_tokens=8", "--post_eval_problems=2"]) == 0
     printed = capsys.readouterr()
     assert f"13 conversations of {data}" in printed.out and "training on 13 conversations" in printed.out
     assert f"[dpo] 5 preference pairs, from {data}" in printed.out

@@ -145,6 +145,7 @@ class RunConfig:
     tag_k: int = 1  # the k of pass@k
     easy_pass_rate: float = 0.5  # pass@k at or above this: easy, dropped
     easy_loss: float = 0.5  # code instructions whose answer loss (nats/token) is below this: easy, dropped
+    sft_keep: float = 0.5  # then keep the hardest share of each task and of the code (Llama 4 dropped over half)
     rl_steps: int = 40
     rl_lr: float = 1e-4
     rl_problems: int = 64  # candidate train-pool problems per task; re-filtering keeps the medium-to-hard ones
@@ -188,6 +189,8 @@ class RunConfig:
         if not 0 < self.rl_eps_low < 1 or self.rl_eps_high <= 0 or self.rl_kl_beta < 0:
             raise ValueError(f"need 0 < rl_eps_low < 1, rl_eps_high > 0 and rl_kl_beta >= 0, got {self.rl_eps_low}, "
                              f"{self.rl_eps_high}, {self.rl_kl_beta}")
+        if not 0 < self.sft_keep <= 1:
+            raise ValueError(f"sft_keep must be in (0, 1] (1 keeps everything not tagged easy), got {self.sft_keep}")
         if not 0 < self.easy_pass_rate <= 1:
             raise ValueError(f"easy_pass_rate must be in (0, 1], got {self.easy_pass_rate}")
         if not self.dpo_beta > 0:

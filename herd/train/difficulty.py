@@ -57,12 +57,23 @@ def loss_difficulty(model: nn.Module, batch: Batch) -> torch.Tensor:
     return nll.sum(1) / (batch.labels != IGNORE).sum(1).clamp(min=1)
 
 
-def drop_easy(items: Sequence[T], easiness: Sequence[float], threshold: float) -> tuple[list[T], float]:
-    """Keeps the items whose easiness (pass@k, or minus the loss) is below `threshold`.
-    Returns (kept items, fraction dropped)."""
+def drop_easy(items: Sequence[T], easiness: Sequence[float | tuple], threshold: float, keep: float = 1.0
+              ) -> tuple[list[T], float]:
+    """Drops what is easy: the items whose easiness reaches `threshold`, then, of the rest, all but
+    the `keep` share of `items` that is hardest (lowest easiness). An easiness may be a tuple, compared
+    in order (a pass rate, then minus the answer's loss to rank the prompts a model never solves);
+    its first element meets the threshold. Returns (kept items in their order, fraction dropped).
+
+    `keep` < 1 is what makes SFT light even for a model that solves nothing yet: Llama 4 dropped over
+    half its SFT data as easy, judged by the model being trained."""
     if len(items) != len(easiness):
         raise ValueError(f"{len(items)} items but {len(easiness)} scores; give one score per item")
-    kept = [item for item, e in zip(items, easiness) if e < threshold]
+    if not 0 < keep <= 1:
+        raise ValueError(f"keep must be in (0, 1], got {keep}")
+    keys = [e if isinstance(e, tuple) else (e,) for e in easiness]
+    hard = [i for i, key in enumerate(keys) if key[0] < threshold]
+    hardest = sorted(hard, key=lambda i: keys[i])[:max(1, round(keep * len(items)))] if hard else []
+    kept = [items[i] for i in sorted(hardest)]
     return kept, (1 - len(kept) / len(items)) if items else 0.0
 
 

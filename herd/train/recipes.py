@@ -34,8 +34,7 @@ import torch
 from torch import nn
 
 from ..chat import render_chat
-from ..data.chat_data import (chat_documents, code_instructions, preference_pairs, render_chats, split_records,
-                              task_conversations)
+from ..data.chat_data import code_instructions, preference_pairs, render_chats, split_records
 from ..data.corpora import read_user_data
 from ..data.datasets import scene_documents
 from ..data.documents import Document, chat_document
@@ -302,8 +301,10 @@ def sft(run: Run) -> Stage | None:
     """Supervised fine-tuning on the hard part of the task conversations and code instructions.
 
     Difficulty is tagged with the model as it is now: pass@k of sampled answers on the verifiable
-    prompts, the answer's loss on the code instructions; what is easy is dropped (Llama 4 dropped
-    over half its SFT data this way). The rest are packed as documents whose only targets are the
+    prompts, then the model's loss on the reference answer (a judge score: the only one for the code
+    instructions, the tie-break for prompts with the same pass rate); what is easy is dropped, and of
+    the rest only the hardest `sft_keep` share of each task and of the code is kept (Llama 4 dropped
+    over half its SFT data as easy). The rest are packed as documents whose only targets are the
     assistant's tokens, through the one data path. With `sft_data`, the user's conversations
     replace both and are tagged by their answers' loss."""
     cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
@@ -313,28 +314,43 @@ def sft(run: Run) -> Stage | None:
     was_training = model.training
     model.eval()
     problems = [] if cfg.sft_data else run.train_problems(cfg.sft_problems, seed_offset=0)
+    tasks = [render_chat(p.messages(with_answer=True), tok, image_processor=run.post_processor) for p in problems]
+    problems, tasks = [p for p, r in zip(problems, tasks) if len(r) <= tc.seq_len], [r for r in tasks
+                                                                                     if len(r) <= tc.seq_len]
     rates = pass_rates(model, tok, problems, n=cfg.tag_samples, k=cfg.tag_k, max_new_tokens=cfg.answer_tokens,
                        seed=tc.seed, image_processor=run.post_processor) if problems else []
-    hard_problems, _ = drop_easy(problems, rates, cfg.easy_pass_rate)
     if cfg.sft_data:  # the user's conversations replace the tasks' and the code instructions
         chats, _ = split_records(read_user_data(cfg.sft_data, on_error="skip"))
         code = render_chats(chats, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
     else:
         code = [render_chat(c.messages, tok) for c in code_instructions("train", max_items=cfg.sft_code)]
         code = [r for r in code if len(r) <= tc.seq_len]
-    losses = [loss_difficulty(model, answer_rows(code[i:i + 16], tok.pad_id)) for i in range(0, len(code), 16)]
+    # The judge score: the model's mean loss on the reference answer (low: it already writes it).
+    losses = [loss_difficulty(model, answer_rows(chunk, tok.pad_id)) for chunk in _chunks(tasks + code, 16)]
     losses = torch.cat(losses).tolist() if losses else []
-    hard_code, _ = drop_easy(code, [-x for x in losses], -cfg.easy_loss)  # easy: a loss below easy_loss
     model.train(was_training)
 
-    total = len(problems) + len(code)
-    dropped = {"dropped_easy": 1 - (len(hard_problems) + len(hard_code)) / max(total, 1),
-               "dropped_easy_tasks": 1 - len(hard_problems) / max(len(problems), 1),
+    # Each task apart, so the mix stays balanced: easy = pass@k at least easy_pass_rate, then all but
+    # the hardest sft_keep share by (pass@k, answer loss); the code likewise by its answer loss alone.
+    hard_tasks = []
+    for name in dict.fromkeys(p.task for p in problems):
+        mine = [i for i, p in enumerate(problems) if p.task == name]
+        kept, _ = drop_easy([tasks[i] for i in mine], [(rates[i], -losses[i]) for i in mine], cfg.easy_pass_rate,
+                            cfg.sft_keep)
+        hard_tasks += kept
+    hard_code, _ = drop_easy(code, [-x for x in losses[len(tasks):]], -cfg.easy_loss, cfg.sft_keep)
+
+    total = len(tasks) + len(code)
+    dropped = {"dropped_easy": 1 - (len(hard_tasks) + len(hard_code)) / max(total, 1),
+               "dropped_easy_tasks": 1 - len(hard_tasks) / max(len(tasks), 1),
                "dropped_easy_code": 1 - len(hard_code) / max(len(code), 1)}
-    docs = chat_documents(task_conversations(hard_problems), tok, run.post_processor, max_tokens=tc.seq_len,
-                          on_error="skip")
-    docs += [chat_document(r, tok, run.post_processor.tokens_per_tile if run.post_processor else None)
-             for r in hard_code]
+    tiles = run.post_processor.tokens_per_tile if run.post_processor else None
+    docs = [chat_document(r, tok, tiles) for r in hard_tasks + hard_code]
+    if run.rank == 0:
+        print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(tasks)} task prompts, "
+              f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} "
+              f"{'conversations of ' + cfg.sft_data if cfg.sft_data else 'code instructions'}, "
+              f"{dropped['dropped_easy_code']:.0%} dropped); training on {len(docs)} conversations")
     if not docs:
         raise ValueError(f"sft: all {total} examples were tagged easy; raise --easy_pass_rate or lower --easy_loss")
     if run.rank == 0:
@@ -435,6 +451,10 @@ def dpo(run: Run) -> Stage | None:
 
     return Stage("dpo", run.stage_config(cfg.dpo_steps, cfg.dpo_lr, balance="none"),
                  PairBatches(batches), loss, ("",), evaluate)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 RECIPES: dict[str, Callable[[Run], Stage | None]] = {
