@@ -166,13 +166,20 @@ def write_report(out: str | Path, summary: dict) -> Path:
     lines += ["", "![losses](plots/loss.png)", ""]
     accuracy = summary.get("task_accuracy", {})
     if accuracy:
-        tasks = [t for t in accuracy["pretrained"] if not t.endswith("_format")]
+        tasks = [t for t in accuracy["pretrained"] if not t.endswith(("_format", "_sampled"))]
+        sampled = f"{tasks[0]}_sampled" in accuracy["pretrained"]
         lines += ["## Post-training: held-out accuracy per task", "",
-                  "Greedy answers to held-out problems, scored by the tasks' checkers (answer right; in "
-                  "brackets, the share of well-formed answers).", "",
-                  "| after | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+                  "Answers to held-out problems, scored by the tasks' checkers: right answers, and in brackets "
+                  "the share of well-formed answers that stopped on their own" +
+                  (" (the response quality DPO targets). Greedy, then sampled at the RL temperature." if sampled
+                   else "."), "",
+                  "| after | " + " | ".join(tasks) + (" | " + " | ".join(f"{t}, sampled" for t in tasks)
+                                                       if sampled else "") + " |",
+                  "|---" * (len(tasks) * (1 + sampled) + 1) + "|"]
         for stage, acc in accuracy.items():
             cells = [f"{acc[t]:.0%} ({acc[f'{t}_format']:.0%})" for t in tasks]
+            if sampled:
+                cells += [f"{acc[f'{t}_sampled']:.0%} ({acc[f'{t}_sampled_format']:.0%})" for t in tasks]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
         sft = summary["stages"].get("sft", {})
         if "dropped_easy" in sft:

@@ -90,6 +90,11 @@ def test_herd_train_post_trains_keeps_the_base_and_reports_accuracy_per_stage(tm
     for row in ("| pretrained |", "| sft |", "| dpo |"):
         assert row in report
     assert "SFT dropped" in report
+    # the sampled measures (post_eval_samples answers per problem): accuracy and tidy, stopped answers
+    assert cfg.post_eval_samples >= 2 and "letters, sampled" in report
+    for acc in summary["task_accuracy"].values():
+        for task in ("letters", "arithmetic", "scenes"):
+            assert 0 <= acc[f"{task}_sampled"] <= 1 and 0 <= acc[f"{task}_sampled_format"] <= 1
 
 
 # ------------------------------------------------------------------------------------------------

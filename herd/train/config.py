@@ -135,6 +135,7 @@ class RunConfig:
     # post-training (herd/train/recipes.py: sft, dpo); 0 steps skips a stage
     post_tasks: str = "letters,arithmetic,scenes"  # verifiable tasks (scenes only with a vision tower)
     post_eval_problems: int = 32  # held-out problems per task for the greedy accuracy
+    post_eval_samples: int = 4  # and sampled answers to each for the sampled measures (0: greedy only)
     answer_tokens: int = 64  # most tokens a sampled or greedy answer may take
     sft_steps: int = 150
     sft_lr: float = 1e-3
@@ -180,6 +181,8 @@ class RunConfig:
         if self.tag_k > self.tag_samples:
             raise ValueError(f"tag_k ({self.tag_k}) cannot exceed tag_samples ({self.tag_samples}): pass@k needs "
                              "at least k samples")
+        if self.post_eval_samples == 1 or self.post_eval_samples < 0:
+            raise ValueError(f"post_eval_samples must be 0 (greedy only) or at least 2, got {self.post_eval_samples}")
         if self.dpo_samples < 2:
             raise ValueError(f"dpo_samples must be at least 2 (a pair needs two answers), got {self.dpo_samples}")
         if self.rl_group < 2:
@@ -232,6 +235,7 @@ def quick() -> RunConfig:
                      contrastive_steps=20, align_steps=20, joint_steps=40,
                      images=400, clips=40, heldout_images=24, samples=2, nll_files=4, nll_len=512,
                      sft_steps=40, sft_lr=2e-3, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
+                     post_eval_samples=2,
                      answer_tokens=40, rl_steps=6, rl_problems=12, rl_prompts=4, rl_refilter_every=3,
                      dpo_steps=6, dpo_problems=12,
                      train=TrainConfig(steps=150, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=15,
@@ -243,7 +247,8 @@ def smoke() -> RunConfig:
     return RunConfig(out="runs/smoke", bpe_ranks=1024, tokenizer_bytes=300_000, code_bytes=400_000,
                      contrastive_steps=3, align_steps=3, joint_steps=4,
                      images=64, clips=8, image_batch=8, heldout_images=8, samples=1, nll_files=2, nll_len=128,
-                     sft_steps=3, sft_problems=6, sft_code=6, tag_samples=2, post_eval_problems=4, answer_tokens=16,
+                     sft_steps=3, sft_problems=6, sft_code=6, tag_samples=2, post_eval_problems=4, post_eval_samples=2,
+                     answer_tokens=16,
                      rl_steps=3, rl_problems=4, rl_prompts=2, rl_group=2, rl_refilter_every=2, rl_max_attempts=2,
                      dpo_steps=3, dpo_problems=4, dpo_samples=2, dpo_pairs=2,
                      train=TrainConfig(steps=6, batch_size=4, seq_len=128, warmup_steps=2, eval_every=3,

@@ -222,9 +222,12 @@ class Run:
                 for p in task.problems("train", count, seed=self.cfg.train.seed + seed_offset)]
 
     def task_eval(self, model: nn.Module) -> dict:
-        """Greedy held-out accuracy per task (and the share of well-formed answers), by the checkers."""
-        return task_accuracy(model, self.tokenizer, self.task_heldout, max_new_tokens=self.cfg.answer_tokens,
-                             image_processor=self.post_processor)
+        """Greedy held-out accuracy per task (and the share of well-formed answers), by the checkers;
+        with post_eval_samples, the same measured on sampled answers (at the RL temperature)."""
+        cfg = self.cfg
+        return task_accuracy(model, self.tokenizer, self.task_heldout, max_new_tokens=cfg.answer_tokens,
+                             image_processor=self.post_processor, samples=cfg.post_eval_samples,
+                             temperature=cfg.rl_temperature, seed=cfg.train.seed + 3)
 
     def pretrained_accuracy(self) -> None:
         """The base model's held-out accuracy, measured once, before the first post-training stage."""

@@ -214,9 +214,13 @@ def sample_rollouts(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence
 
 @torch.no_grad()
 def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
-                  image_processor: "ImageProcessor | None" = None, batch_size: int = 32) -> dict[str, float]:
+                  image_processor: "ImageProcessor | None" = None, batch_size: int = 32, samples: int = 0,
+                  temperature: float = 0.7, seed: int = 0) -> dict[str, float]:
     """Greedy answers to `problems`, scored by their tasks' checkers: {task: accuracy} plus
-    {task_format: share well-formed}, the held-out measure every post-training stage reports."""
+    {task_format: share well-formed}, the held-out measure every post-training stage reports.
+    With `samples` >= 2, also `samples` sampled answers per problem at `temperature` (how a chat
+    model is used): {task_sampled: accuracy, task_sampled_format: share well-formed and stopped},
+    the response quality that DPO's pairs (right and tidy against wrong, ill-formed or cut off) target."""
     stops = [tokenizer.eot_id, tokenizer.eom_id, tokenizer.end_of_text_id]
     right: dict[str, list[float]] = {}
     tidy: dict[str, list[float]] = {}
@@ -236,9 +240,18 @@ def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[P
             score = get_task(p.task).check(p, reply.content, stopped=cut is not None)
             right.setdefault(p.task, []).append(score.answer)
             tidy.setdefault(p.task, []).append(score.format)
+    result = {**{t: sum(v) / len(v) for t, v in right.items()},
+              **{f"{t}_format": sum(v) / len(v) for t, v in tidy.items()}}
+    if samples >= 2:
+        rollouts = sample_rollouts(model, tokenizer, problems, group_size=samples, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, seed=seed, image_processor=image_processor)
+        tasks = [p.task for p in problems for _ in range(samples)]
+        for t in right:
+            rows = torch.tensor([task == t for task in tasks])
+            result[f"{t}_sampled"] = rollouts.answer_rewards[rows].mean().item()
+            result[f"{t}_sampled_format"] = rollouts.format_rewards[rows].mean().item()
     model.train(was_training)
-    return {**{t: sum(v) / len(v) for t, v in right.items()},
-            **{f"{t}_format": sum(v) / len(v) for t, v in tidy.items()}}
+    return result
 
 
 def dpo_pairs(rollouts: Rollouts, tokenizer: "Tokenizer", image_processor: "ImageProcessor | None" = None
