@@ -173,9 +173,12 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     # ---- stages; the pretrained model is kept as `base` before the first post-training stage
     base_saved = False
     for recipe in recipes:
+        start = time.perf_counter()
         stage = recipe(job)
         if stage is None:
             continue
+        if time.perf_counter() - start > 1:  # making its data took time (post-training: tagging, sampling pairs)
+            job.timings[f"{stage.name} data"] = time.perf_counter() - start
         if recipe in POST_TRAINING and not base_saved and main_rank:
             save_plain(model, out / "base")
             tokenizer.save(out / "base")

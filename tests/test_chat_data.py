@@ -52,6 +52,7 @@ def test_padded_rows_learn_to_stop_and_never_learn_padding(tok):
 def test_code_instructions_ask_with_signature_and_docstring_and_answer_with_the_body():
     chats = list(code_instructions("train", max_items=8))
     assert len(chats) == 8 and all(isinstance(c, ChatDoc) and ".py:" in c.source for c in chats)
+    assert list(code_instructions("train", max_items=0)) == []  # --sft_code=0: none
     for chat in chats:
         request, answer = chat.messages[0]["content"], chat.messages[1]["content"]
         header = answer.split(":\n", 1)[0]

@@ -67,6 +67,8 @@ def code_instructions(split: Literal["train", "validation"] = "train", *, max_it
     """Function-writing conversations from the stdlib's `split`, in file order (test suites skipped)."""
     errors = InputErrors("skip")
     count = 0
+    if max_items is not None and max_items <= 0:
+        return
     for path in stdlib_files(split):
         if "test" in path.parts or "tests" in path.parts:
             continue
