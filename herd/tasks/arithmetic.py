@@ -27,7 +27,18 @@ def _terms(rng, level: int) -> tuple[list[int], list[str]]:
     return [rng.randint(10, 99) for _ in range(3)], [rng.choice("+-"), rng.choice("+-")]
 
 
+def counted_answer(a: int, op: str, b: int) -> str:
+    """One-digit sums and differences counted on (or down) one step at a time, each step numbered."""
+    step = 1 if op == "+" else -1
+    values = [a + step * i for i in range(1, b + 1)]
+    how = f"count {'up' if step > 0 else 'down'} {b} from {a}: " + ", ".join(f"{v} ({i})" for i, v in
+                                                                             enumerate(values, 1))
+    return f"{a} {op} {b}: " + (how if b else "nothing to count") + f"\nAnswer: {OPS[op](a, b)}"
+
+
 def worked_answer(numbers: list[int], ops: list[str]) -> str:
+    if len(numbers) == 2 and ops[0] in "+-" and max(numbers) < 10:
+        return counted_answer(numbers[0], ops[0], numbers[1])
     lines, value = [], numbers[0]
     for op, b in zip(ops, numbers[1:]):
         new = OPS[op](value, b)
