@@ -58,6 +58,19 @@ def test_letter_counting_words_and_the_strawberry_case():
         task.problems("train", 1, level=7)
 
 
+def test_one_digit_sums_are_counted_on_one_numbered_step_at_a_time():
+    from herd.tasks.arithmetic import worked_answer as arithmetic_worked
+
+    assert arithmetic_worked([8, 4], ["+"]) == "8 + 4: count up 4 from 8: 9 (1), 10 (2), 11 (3), 12 (4)\nAnswer: 12"
+    assert arithmetic_worked([2, 3], ["-"]) == "2 - 3: count down 3 from 2: 1 (1), 0 (2), -1 (3)\nAnswer: -1"
+    assert arithmetic_worked([5, 0], ["-"]) == "5 - 0: nothing to count\nAnswer: 5"
+    assert arithmetic_worked([17, 25], ["+"]) == "17 + 25 = 42\nAnswer: 42"  # two digits: one line an operation
+    for p in get_task("arithmetic").problems("train", 40, level=1):
+        a, op, b = p.worked.split(":")[0].split()
+        steps = p.worked.splitlines()[0].split(": ")[-1]
+        assert steps == "nothing to count" or steps.count("(") == int(b)
+
+
 def test_a_held_out_sum_is_held_out_in_either_order():
     import re
 

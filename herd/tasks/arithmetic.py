@@ -4,7 +4,11 @@ Levels: 1 = a + b or a - b with one-digit numbers, 2 = two-digit + and -, 3 = a 
 two-digit number, 4 = three two-digit numbers with + and -, evaluated left to right. The
 expression is the split key, with the operands of a two-term sum or product in order ("4 + 3" is
 keyed "3 + 4"), so a held-out problem's mirror image is held out too. The worked answer writes
-one operation per line.
+one operation per line; a one-digit sum or difference is counted on (or down) instead, one numbered
+step at a time ("8 + 4: count up 4 from 8: 9 (1), 10 (2), 11 (3), 12 (4)"): a held-out one-digit
+fact cannot be recalled, only worked out, and each step is a successor a small model can learn (the
+tiny default model answered "10" to most of them after SFT on the bare fact, and counts after SFT
+on this).
 """
 
 from __future__ import annotations
