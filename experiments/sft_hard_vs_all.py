@@ -25,10 +25,10 @@ from herd.cli import main as herd
 TASKS = ("letters", "arithmetic", "scenes")
 
 
-def one_run(base: Path, out: Path, keep: float, seed: int, extra: list[str]) -> dict:
+def one_run(base: Path, out: Path, keep: float, seed: int, stages: str, extra: list[str]) -> dict:
     summary = out / "summary.json"
     if not summary.exists():
-        code = herd(["train", f"--init={base}", "--stages=sft,rl", f"--sft_keep={keep}", f"--seed={seed}",
+        code = herd(["train", f"--init={base}", f"--stages={stages}", f"--sft_keep={keep}", f"--seed={seed}",
                      f"--out={out}", *extra])
         if code != 0:
             raise SystemExit(f"herd train failed ({code}) for {out}")
@@ -58,13 +58,14 @@ def main() -> None:
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--keep", type=float, default=0.5, help="the hard variant's --sft_keep")
     ap.add_argument("--out", type=Path, default=Path("runs/sft_hard"))
+    ap.add_argument("--stages", default="sft,rl", help="sft,rl,dpo also runs DPO after each (not in the table)")
     args, overrides = ap.parse_known_args()  # the rest go to every herd train, e.g. --rl_steps=20
     if not (args.base / "config.json").exists():
         raise SystemExit(f"{args.base} is not a herd checkpoint: run `herd train` first (runs/main/base) or pass --base")
     seeds = [int(s) for s in args.seeds.split(",")]
     results = {}
     for name, keep in ((f"hardest {args.keep:.0%}", args.keep), ("all", 1.0)):
-        results[name] = [one_run(args.base, args.out / f"keep{keep}_seed{seed}", keep, seed, overrides)
+        results[name] = [one_run(args.base, args.out / f"keep{keep}_seed{seed}", keep, seed, args.stages, overrides)
                          for seed in seeds]
     text = table(results)
     (args.out / "table.md").write_text(text + "\n")

@@ -183,9 +183,10 @@ def write_report(out: str | Path, summary: dict) -> Path:
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
         sft = summary["stages"].get("sft", {})
         if "dropped_easy" in sft:
+            own = summary["config"].get("sft_data")
             lines += ["", f"SFT dropped {sft['dropped_easy']:.0%} of its data as easy for the pretrained model "
-                      f"(task prompts {sft['dropped_easy_tasks']:.0%}, code instructions "
-                      f"{sft['dropped_easy_code']:.0%})."]
+                      f"(task prompts {sft['dropped_easy_tasks']:.0%}, "
+                      f"{'conversations of ' + own if own else 'code instructions'} {sft['dropped_easy_code']:.0%})."]
         if has_rl:
             dropped = _median(records, "rl", "zero_advantage_groups")
             lines += ["", f"Online RL dropped a median {dropped:.0%} of its sampled groups per step as "
