@@ -49,13 +49,15 @@ from ..tokenizer import Tokenizer
 from .captions import ContrastivePairs
 from .config import RunConfig, TrainConfig
 from ..eval import LMEvaluator, token_byte_lengths
+from ..distributed.sharing import block, share_work
 from .difficulty import drop_easy, loss_difficulty, pass_rates
 from .distill import DistillationLoss, load_teacher
+from .loop import InferenceCopy, StepHook, train
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
 from .online_rl import OnlineRollouts
 from .post_losses import DPOLoss, GRPOLoss, PreferenceBatch, answer_rows
-from .rollouts import dpo_pairs, preference_rows, sample_rollouts, task_accuracy
+from .rollouts import accuracy_by_task, dpo_pairs, preference_rows, sample_rollouts, task_scores
 
 TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
 # The MFU the decoder stages reach on 2-core CPUs (text 51%, joint 48% on a quiet AVX2 Zen 3 machine;
@@ -74,6 +76,7 @@ class Stage:
     evaluate: Callable[[nn.Module], dict] | None = None
     decoder_rows: bool = False  # the decoder runs on full rows: log MFU, estimate the duration first
     images: bool = False  # the stage trains on images (the run then captions held-out ones)
+    on_step: StepHook | None = None  # called before each step (herd.train.loop.StepContext)
 
 
 @dataclass
@@ -95,6 +98,7 @@ class Run:
     estimates: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
     trained_on_images: bool = False
     task_accuracy: dict[str, dict] = field(default_factory=dict)  # "pretrained" / stage -> held-out accuracy
+    generation_copy: InferenceCopy | None = field(default=None, repr=False)  # under torchrun: see `generator`
 
     @property
     def train_config(self) -> TrainConfig:
@@ -223,14 +227,59 @@ class Run:
                 for p in task.problems("train", count, seed=self.cfg.train.seed + seed_offset)]
 
     def task_eval(self, model: nn.Module) -> dict:
-        """Greedy held-out accuracy per task (and the share of well-formed answers), by the checkers."""
-        return task_accuracy(model, self.tokenizer, self.task_heldout, max_new_tokens=self.cfg.answer_tokens,
-                             image_processor=self.post_processor)
+        """Greedy held-out accuracy per task (and the share of well-formed answers), by the checkers;
+        under torchrun each rank answers a block of the problems."""
+        generator = self.generator(model)
+        scores = self.share(lambda problems, _: task_scores(generator, self.tokenizer, problems,
+                                                            max_new_tokens=self.cfg.answer_tokens,
+                                                            image_processor=self.post_processor), self.task_heldout)
+        return accuracy_by_task(self.task_heldout, scores)
 
     def pretrained_accuracy(self) -> None:
         """The base model's held-out accuracy, measured once, before the first post-training stage."""
         if "pretrained" not in self.task_accuracy:
             self.task_accuracy["pretrained"] = self.task_eval(self.model)
+
+    # ---------------------------------------------------------------- generating under torchrun
+    # A forward of the FSDP2 model is a series of collectives every rank must join, and generating
+    # runs a different number of forwards on each rank (answers stop at different lengths). So under
+    # torchrun each rank generates with a plain, unsharded copy of the current weights, a share of
+    # the work each (`share`), and the results are all-gathered: every rank ends with the same tags,
+    # pools and pairs. In one process all three are the identity: the model itself generates.
+    def generator(self, model: nn.Module | None = None) -> nn.Module:
+        """The model to generate with, as `model` (default: the run's) is now: itself in one process;
+        under torchrun the plain copy, refreshed from the shards first (a gather: every rank calls
+        this at the same point)."""
+        model = model if model is not None else self.model
+        if self.world_size == 1:
+            return model
+        if self.generation_copy is None:
+            self.generation_copy = InferenceCopy(model, decode_ready=False)
+        else:
+            self.generation_copy.sync(model)
+        return self.generation_copy.model
+
+    def share(self, work: Callable, items: list) -> list:
+        """`work(block, start)` on this rank's block of `items`, the results of all ranks concatenated
+        (herd.distributed.sharing); `work(items, 0)` in one process."""
+        return share_work(work, items, self.rank, self.world_size)
+
+    def frozen_copy(self) -> nn.Module:
+        """A copy of the model as it is now, to be frozen (a DPO or KL reference): under torchrun
+        built from the gathered weights and sharded like the model."""
+        if self.world_size == 1:
+            return copy.deepcopy(self.model)
+        return self.parallelize(InferenceCopy(self.model, decode_ready=False).model)
+
+    @property
+    def empty_tiles(self) -> tuple[int, int, int] | None:
+        """Under torchrun, with a vision tower: the tile shape a post-training batch without images
+        carries as empty pixel_values, so that every rank runs the vision tower (its FSDP2 collectives)
+        each step. In one process None: such a batch skips the tower, as it always has (its weights
+        then get no gradient rather than a zero one, which AdamW would still decay)."""
+        if self.world_size == 1 or self.vision is None:
+            return None
+        return self.vision.num_channels, self.vision.image_size, self.vision.image_size
 
 
 HELDOUT_START = 10_000_000  # index of the first held-out scene
@@ -310,11 +359,16 @@ def sft(run: Run) -> Stage | None:
     if not cfg.sft_steps:
         return None
     run.pretrained_accuracy()
+    generator = run.generator()
     was_training = model.training
     model.eval()
     problems = [] if cfg.sft_data else run.train_problems(cfg.sft_problems, seed_offset=0)
-    rates = pass_rates(model, tok, problems, n=cfg.tag_samples, k=cfg.tag_k, max_new_tokens=cfg.answer_tokens,
-                       seed=tc.seed, image_processor=run.post_processor) if problems else []
+
+    def tag(block, start):  # rows seeded as one process seeds them (tag_samples rows per problem)
+        return pass_rates(generator, tok, block, n=cfg.tag_samples, k=cfg.tag_k, max_new_tokens=cfg.answer_tokens,
+                          seed=tc.seed + start * cfg.tag_samples, image_processor=run.post_processor)
+
+    rates = run.share(tag, problems) if problems else []
     hard_problems, _ = drop_easy(problems, rates, cfg.easy_pass_rate)
     if cfg.sft_data:  # the user's conversations replace the tasks' and the code instructions
         chats, _ = split_records(read_user_data(cfg.sft_data, on_error="skip"))
@@ -322,8 +376,12 @@ def sft(run: Run) -> Stage | None:
     else:
         code = [render_chat(c.messages, tok) for c in code_instructions("train", max_items=cfg.sft_code)]
         code = [r for r in code if len(r) <= tc.seq_len]
-    losses = [loss_difficulty(model, answer_rows(code[i:i + 16], tok.pad_id)) for i in range(0, len(code), 16)]
-    losses = torch.cat(losses).tolist() if losses else []
+
+    def answer_losses(block, _):
+        return torch.cat([loss_difficulty(generator, answer_rows(block[i:i + 16], tok.pad_id))
+                          for i in range(0, len(block), 16)]).tolist()
+
+    losses = run.share(answer_losses, code) if code else []
     hard_code, _ = drop_easy(code, [-x for x in losses], -cfg.easy_loss)  # easy: a loss below easy_loss
     model.train(was_training)
 
@@ -347,26 +405,32 @@ def sft(run: Run) -> Stage | None:
         run.task_accuracy["sft"] = run.task_eval(model)  # the last evaluation is the stage's result
         return {**run.task_accuracy["sft"], **dropped}
 
-    return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr),
-                 run.loader(docs, tc.batch_size, tc.seed + 11, whole_documents=True), causal_lm_loss, ("",), evaluate,
-                 images=any(d.pixel_values is not None for d in docs))
+    images = any(d.pixel_values is not None for d in docs)
+    rows = run.loader(docs, tc.batch_size, tc.seed + 11, whole_documents=True,
+                      tile_shape=run.empty_tiles if images else None)
+    return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr), rows, causal_lm_loss, ("",), evaluate,
+                 images=images)
 
 
 def rl(run: Run) -> Stage | None:
     """Online RL: GRPO with DAPO's token mean and clip-higher on rollouts of the policy as it learns
     (herd.train.online_rl: dynamic filtering of zero-advantage groups, a candidate pool of every
     task re-filtered to medium-to-hard prompts every `rl_refilter_every` steps). The KL to a frozen
-    copy of the policy as RL starts is logged, and trained against only when `rl_kl_beta` > 0."""
-    cfg, tc, model = run.cfg, run.cfg.train, run.model
+    copy of the policy as RL starts is logged, and trained against only when `rl_kl_beta` > 0.
+    Under torchrun `rl_prompts` is per rank: each rank samples its block of the global batch."""
+    cfg, tc = run.cfg, run.cfg.train
     if not cfg.rl_steps:
         return None
     run.pretrained_accuracy()
-    data = OnlineRollouts(model, run.tokenizer, run.train_problems(cfg.rl_problems, seed_offset=2),
+    data = OnlineRollouts(run.generator(), run.tokenizer, run.train_problems(cfg.rl_problems, seed_offset=2),
                           prompts=cfg.rl_prompts, group_size=cfg.rl_group, max_new_tokens=cfg.answer_tokens,
                           refilter_every=cfg.rl_refilter_every, max_attempts=cfg.rl_max_attempts,
-                          temperature=cfg.rl_temperature, seed=tc.seed + 2,
-                          image_processor=run.post_processor)
-    loss = GRPOLoss(cfg.rl_eps_low, cfg.rl_eps_high, cfg.rl_kl_beta, reference=copy.deepcopy(model))
+                          temperature=cfg.rl_temperature, seed=tc.seed + 2, image_processor=run.post_processor,
+                          rank=run.rank, world_size=run.world_size, tile_shape=run.empty_tiles)
+    loss = GRPOLoss(cfg.rl_eps_low, cfg.rl_eps_high, cfg.rl_kl_beta, reference=run.frozen_copy())
+
+    def sample_the_current_policy(context):  # before each step's rollouts (a resumed run: its loaded weights)
+        data.policy = run.generator(context.model)
 
     def evaluate(model):
         run.task_accuracy["rl"] = run.task_eval(model)
@@ -374,7 +438,7 @@ def rl(run: Run) -> Stage | None:
 
     # every step's rollouts are a fresh sample of the policy: log each one, for the report's curves
     return Stage("rl", run.stage_config(cfg.rl_steps, cfg.rl_lr, balance="none", log_every=1), data, loss, ("",),
-                 evaluate, images=any(p.image is not None for p in data.candidates))
+                 evaluate, images=any(p.image is not None for p in data.candidates), on_step=sample_the_current_policy)
 
 
 class PairBatches:
@@ -399,7 +463,8 @@ def dpo(run: Run) -> Stage | None:
     """Lightweight DPO on pairs from the policy's own answers graded by the checkers (chosen: right
     and well-formed; rejected: wrong, ill-formed or cut off), against a frozen copy of the policy as
     it starts (a frozen model of the loop: not optimised, not checkpointed). With `dpo_data`, the
-    user's preference pairs instead."""
+    user's preference pairs instead. Under torchrun `dpo_pairs` is per rank: each rank trains on its
+    block of every global batch of pairs."""
     cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
     if not cfg.dpo_steps:
         return None
@@ -409,13 +474,20 @@ def dpo(run: Run) -> Stage | None:
         pairs = preference_pairs(prefs, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
         own, source = 0.0, f"from {cfg.dpo_data}"
     else:
+        generator = run.generator()
         was_training = model.training
         model.eval()
-        rollouts = sample_rollouts(model, tok, run.train_problems(cfg.dpo_problems, seed_offset=1),
-                                   group_size=cfg.dpo_samples, max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1,
-                                   image_processor=run.post_processor)
+
+        def graded_pairs(block, start):  # rows seeded as one process seeds them
+            rollouts = sample_rollouts(generator, tok, block, group_size=cfg.dpo_samples,
+                                       max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1 + start * cfg.dpo_samples,
+                                       image_processor=run.post_processor)
+            return [dpo_pairs(rollouts, tok, run.post_processor)]
+
+        parts = run.share(graded_pairs, run.train_problems(cfg.dpo_problems, seed_offset=1))
         model.train(was_training)
-        pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
+        pairs = [p for part, _ in parts for p in part]
+        own = sum(round(share * len(part)) for part, share in parts) / max(len(pairs), 1)
         pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
         source = f"{own:.0%} with the policy's own right answer as chosen"
     if not pairs:
@@ -423,11 +495,20 @@ def dpo(run: Run) -> Stage | None:
                          "dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
     if run.rank == 0:
         print(f"[dpo] {len(pairs)} preference pairs, {source}")
-    chunks = [pairs[i:i + cfg.dpo_pairs] for i in range(0, len(pairs), cfg.dpo_pairs)]
+    world = run.world_size
+    if len(pairs) < world:
+        raise ValueError(f"dpo: {len(pairs)} preference pair(s) for {world} processes; each needs one at least")
+    size = cfg.dpo_pairs * world  # a global batch; each rank trains on its block
+    chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
+    if len(chunks[-1]) < world:  # too few to give every rank a pair: the last batch joins the one before
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    chunks = [chunk[slice(*block(len(chunk), run.rank, world))] for chunk in chunks]
     batches = [PreferenceBatch(answer_rows([c for c, _ in chunk] + [r for _, r in chunk], tok.pad_id))
                if cfg.dpo_data else preference_rows(chunk, tok.pad_id) for chunk in chunks]
-    reference = copy.deepcopy(model)
-    loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=reference)
+    for b in batches:
+        if b.batch.pixel_values is None and run.empty_tiles is not None:
+            b.batch.pixel_values = torch.zeros(0, *run.empty_tiles)
+    loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=run.frozen_copy())
 
     def evaluate(model):
         run.task_accuracy["dpo"] = run.task_eval(model)
@@ -455,8 +536,6 @@ def estimate_seconds(run: Run, stage: Stage) -> float:
 
 def run_stage(run: Run, stage: Stage) -> None:
     """Freezes all but the stage's trainable weights, trains (or resumes) it, records the result."""
-    from .loop import train
-
     main = run.rank == 0
     if stage.decoder_rows:
         run.estimates[stage.name] = estimate_seconds(run, stage)
@@ -470,7 +549,8 @@ def run_stage(run: Run, stage: Stage) -> None:
     start = time.perf_counter()
     result = train(run.model, stage.config, stage.data, stage.loss, run.out, stage=stage.name,
                    evaluate=stage.evaluate, checkpointer=run.checkpointer_for(stage.name),
-                   flops_per_token=run.flops_per_token if stage.decoder_rows else None, peak_flops=run.peak_flops)
+                   flops_per_token=run.flops_per_token if stage.decoder_rows else None, peak_flops=run.peak_flops,
+                   on_step=stage.on_step)
     run.timings[stage.name] = time.perf_counter() - start
     run.results[stage.name] = {"loss": result.loss, **result.eval}
     run.trained_on_images |= stage.images

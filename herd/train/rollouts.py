@@ -29,7 +29,7 @@ from torch import nn
 
 from ..chat import parse_assistant, render_chat
 from ..inference import generate, pad_prompts
-from ..tasks import Problem, Task, get_task
+from ..tasks import Problem, Score, Task, get_task
 from .losses import IGNORE, Batch
 from .post_losses import PreferenceBatch, RLBatch, group_advantages, informative_groups, sequence_logprobs
 
@@ -213,13 +213,11 @@ def sample_rollouts(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence
 
 
 @torch.no_grad()
-def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
-                  image_processor: "ImageProcessor | None" = None, batch_size: int = 32) -> dict[str, float]:
-    """Greedy answers to `problems`, scored by their tasks' checkers: {task: accuracy} plus
-    {task_format: share well-formed}, the held-out measure every post-training stage reports."""
+def task_scores(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
+                image_processor: "ImageProcessor | None" = None, batch_size: int = 32) -> list[Score]:
+    """The checkers' score of a greedy answer to each problem."""
     stops = [tokenizer.eot_id, tokenizer.eom_id, tokenizer.end_of_text_id]
-    right: dict[str, list[float]] = {}
-    tidy: dict[str, list[float]] = {}
+    scores = []
     was_training = model.training
     model.eval()
     for start in range(0, len(problems), batch_size):
@@ -233,12 +231,28 @@ def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[P
         for p, ids in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
             cut = next((k for k, t in enumerate(ids) if t in stops), None)
             reply = parse_assistant(ids if cut is None else ids[:cut + 1], tokenizer)
-            score = get_task(p.task).check(p, reply.content, stopped=cut is not None)
-            right.setdefault(p.task, []).append(score.answer)
-            tidy.setdefault(p.task, []).append(score.format)
+            scores.append(get_task(p.task).check(p, reply.content, stopped=cut is not None))
     model.train(was_training)
+    return scores
+
+
+def accuracy_by_task(problems: Sequence[Problem], scores: Sequence[Score]) -> dict[str, float]:
+    """{task: accuracy} plus {task_format: share well-formed}, the held-out measure every
+    post-training stage reports."""
+    right: dict[str, list[float]] = {}
+    tidy: dict[str, list[float]] = {}
+    for p, score in zip(problems, scores, strict=True):
+        right.setdefault(p.task, []).append(score.answer)
+        tidy.setdefault(p.task, []).append(score.format)
     return {**{t: sum(v) / len(v) for t, v in right.items()},
             **{f"{t}_format": sum(v) / len(v) for t, v in tidy.items()}}
+
+
+def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
+                  image_processor: "ImageProcessor | None" = None, batch_size: int = 32) -> dict[str, float]:
+    """Greedy answers to `problems`, scored by their tasks' checkers: `accuracy_by_task`."""
+    return accuracy_by_task(problems, task_scores(model, tokenizer, problems, max_new_tokens=max_new_tokens,
+                                                  image_processor=image_processor, batch_size=batch_size))
 
 
 def dpo_pairs(rollouts: Rollouts, tokenizer: "Tokenizer", image_processor: "ImageProcessor | None" = None
