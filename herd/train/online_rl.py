@@ -130,10 +130,9 @@ class OnlineRollouts:
         if self.batches % self.refilter_every == 0:
             self.refilter()
         self.batches += 1
-        sampled, kept, n_kept, draws = [], [], 0, 0
-        while draws < self.max_attempts:
+        sampled, kept, n_kept = [], [], 0
+        for draws in range(1, self.max_attempts + 1):
             problems = self._draw()  # every rank draws, full or not, so that the ranks stay in step
-            draws += 1
             if n_kept < self.prompts:
                 rollouts = self._sample(problems, first_row=self.rank * self.prompts * self.group_size)
                 sampled.append(rollouts)
@@ -156,7 +155,7 @@ class OnlineRollouts:
                    "format": (total(lambda r: r.format_rewards.sum()), rows),
                    "completion_tokens": (total(lambda r: r.assistant_mask.sum()), rows),
                    "zero_advantage_groups": (total(lambda r: (~r.informative()).sum()), groups),
-                   # a total over the ranks: the loop divides the sum of the ranks' sums by one
+                   # counted once (rank 0), so that the ranks' sums add up to a total, not a mean
                    "rollouts": (rows, float(self.rank == 0)),
                    "draws": (float(draws), 1), "pool": (float(len(self.pool)), 1),
                    "pool_pass_rate": (self.pool_pass_rate, 1)}
