@@ -243,6 +243,31 @@ def test_two_processes_fine_tune_and_prefer_as_one_does(tmp_path, tiny_checkpoin
         "pretrained", "sft", "dpo"}
 
 
+def test_two_processes_post_train_on_the_tasks_as_one_does(tmp_path, tiny_checkpoint):
+    """`torchrun -m herd.cli train --init=CKPT --stages=sft,rl,dpo`: every generation (held-out
+    accuracy, SFT's pass@k tags, RL's rollouts and re-filtering, DPO's sampled pairs) runs on a plain
+    copy of the weights per rank, each rank a block of the rows, seeded as one process seeds them.
+    So the tags, the pairs and the training equal one process's at twice the per-rank batch; the
+    task conversations about images make steps where a rank has no image (empty tiles then)."""
+    from herd.cli import main
+
+    common = [*post_training_checkpoint(tmp_path, tiny_checkpoint), "--stages=sft,rl,dpo"]
+    assert main(["train", *common, "--batch_size=4", "--rl_prompts=4", "--dpo_pairs=4",
+                 f"--out={tmp_path / 'single'}"]) == 0
+    run_processes("-m", "herd.cli", "train", *common, "--batch_size=2", "--rl_prompts=2", "--dpo_pairs=2",
+                  f"--out={tmp_path / 'two'}")
+    single, two = stage_records(tmp_path / "single"), stage_records(tmp_path / "two")
+    assert single.keys() == two.keys() == {(stage, s) for stage in ("sft", "rl", "dpo") for s in (1, 2, 3)}
+    for key in single:
+        for name in ("loss", "rollouts") if key[0] == "rl" else ("loss",):
+            assert two[key][name] == pytest.approx(single[key][name], rel=1e-5, abs=1e-6), (key, name)
+    assert two[("dpo", 1)]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("single", "two")]
+    assert summaries[0]["stages"]["dpo"]["pairs"] == summaries[1]["stages"]["dpo"]["pairs"] > 0
+    assert summaries[1]["task_accuracy"].keys() == {"pretrained", "sft", "rl", "dpo"}
+    assert (tmp_path / "two" / "base" / "tokenizer.json").exists()  # the start, kept beside model/
+
+
 def stage_records(run_dir: Path) -> dict[tuple[str, int], dict]:
     return {(r["stage"], r["step"]): r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "train"}
