@@ -98,7 +98,6 @@ class Run:
     estimates: dict[str, float] = field(default_factory=dict)  # stage -> estimated seconds
     trained_on_images: bool = False
     task_accuracy: dict[str, dict] = field(default_factory=dict)  # "pretrained" / stage -> held-out accuracy
-    generation_copy: InferenceCopy | None = field(default=None, repr=False)  # under torchrun: see `generator`
 
     @property
     def train_config(self) -> TrainConfig:
@@ -248,16 +247,10 @@ class Run:
     # pools and pairs. In one process all three are the identity: the model itself generates.
     def generator(self, model: nn.Module | None = None) -> nn.Module:
         """The model to generate with, as `model` (default: the run's) is now: itself in one process;
-        under torchrun the plain copy, refreshed from the shards first (a gather: every rank calls
-        this at the same point)."""
+        under torchrun a plain copy gathered from the shards (a collective: every rank calls this at
+        the same point), freed when its user lets go of it."""
         model = model if model is not None else self.model
-        if self.world_size == 1:
-            return model
-        if self.generation_copy is None:
-            self.generation_copy = InferenceCopy(model, decode_ready=False)
-        else:
-            self.generation_copy.sync(model)
-        return self.generation_copy.model
+        return model if self.world_size == 1 else InferenceCopy(model, decode_ready=False).model
 
     def share(self, work: Callable, items: list) -> list:
         """`work(block, start)` on this rank's block of `items`, the results of all ranks concatenated
@@ -267,9 +260,7 @@ class Run:
     def frozen_copy(self) -> nn.Module:
         """A copy of the model as it is now, to be frozen (a DPO or KL reference): under torchrun
         built from the gathered weights and sharded like the model."""
-        if self.world_size == 1:
-            return copy.deepcopy(self.model)
-        return self.parallelize(InferenceCopy(self.model, decode_ready=False).model)
+        return copy.deepcopy(self.model) if self.world_size == 1 else self.parallelize(self.generator())
 
     @property
     def empty_tiles(self) -> tuple[int, int, int] | None:
