@@ -488,7 +488,8 @@ def dpo(run: Run) -> Stage | None:
         print(f"[dpo] {len(pairs)} preference pairs, {source}")
     world = run.world_size
     if len(pairs) < world:
-        raise ValueError(f"dpo: {len(pairs)} preference pair(s) for {world} processes; each needs one at least")
+        raise ValueError(f"dpo: {len(pairs)} preference pair(s) for {world} processes, which need one each at "
+                         "least; give more pairs (--dpo_data, --dpo_problems) or run fewer processes")
     size = cfg.dpo_pairs * world  # a global batch; each rank trains on its block
     chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
     if len(chunks[-1]) < world:  # too few to give every rank a pair: the last batch joins the one before
