@@ -167,6 +167,7 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
             metap_init_(model, tc.base_width, tc.base_depth)
     job = Run(cfg, out, tokenizer, model, train_docs, val_docs, peak)
     if ctx is not None:
+        _ = job.flops_per_token  # counted on the whole weights now: on the shards it takes collectives
         job.rank, job.world_size, job.mesh = ctx.rank, ctx.world_size, ctx.mesh
         job.model = model = job.parallelize(model)
 
@@ -179,9 +180,10 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
             continue
         if time.perf_counter() - start > 1:  # making its data took time (post-training: tagging, sampling pairs)
             job.timings[f"{stage.name} data"] = time.perf_counter() - start
-        if recipe in POST_TRAINING and not base_saved and main_rank:
-            save_plain(model, out / "base")
-            tokenizer.save(out / "base")
+        if recipe in POST_TRAINING and not base_saved:
+            save_plain(model, out / "base")  # under torchrun every rank joins the gather
+            if main_rank:
+                tokenizer.save(out / "base")
             base_saved = True
         run_stage(job, stage)
     timings |= job.timings
@@ -247,26 +249,24 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
 
 
 def distributed_recipes(recipes: list[Recipe], main_rank: bool) -> list[Recipe]:
-    """The stages a torchrun job runs: text, align and joint (FSDP2 + expert parallelism, each rank
-    its own rows and their images). Contrastive pretraining is skipped: its in-batch negatives would
-    need every rank's embeddings gathered, and its heads (in the loss, outside FSDP) their gradients
-    reduced. Post-training stages are refused."""
+    """The stages a torchrun job runs: every one but contrastive pretraining (FSDP2 + expert
+    parallelism, each rank its own rows and their images; post-training generates with a plain copy
+    of the weights on each rank, herd.train.recipes). Contrastive pretraining is skipped: its
+    in-batch negatives would need every rank's embeddings gathered, and its heads (in the loss,
+    outside FSDP) their gradients reduced. Your own recipes run as they are."""
     from .train.recipes import RECIPES
 
-    supported = [RECIPES[name] for name in ("text", "align", "joint")]
-    post = [r for r in recipes if r not in supported and r is not RECIPES["contrastive"]]
-    if post:
-        raise ValueError(f"stage(s) {', '.join(getattr(r, '__name__', str(r)) for r in post)} do not run under "
-                         "torchrun (text, align and joint do); run them in one process, without torchrun")
     if RECIPES["contrastive"] in recipes and main_rank:
         print("distributed run: skipping contrastive pretraining (its in-batch negatives are per process); "
               "the vision encoder starts from its initialisation")
-    return [r for r in recipes if r in supported]
+    return [r for r in recipes if r is not RECIPES["contrastive"]]
 
 
 def save_plain(model: Llama4, path: Path) -> None:
     """The model in HF layout without the training-time MoE selection bias (the reference forward),
-    leaving the training model's biases in place."""
+    leaving the training model's biases in place. A sharded model is gathered (every rank calls this)
+    and written by rank 0."""
+    from .distributed.checkpoint import export_hf
     from .model.moe import MoE
     from .train.checkpoint import save_model
 
@@ -275,7 +275,10 @@ def save_plain(model: Llama4, path: Path) -> None:
     for m in moes:
         m.selection_bias = None
     try:
-        save_model(model, path)
+        if torch.distributed.is_initialized():
+            export_hf(model, path)
+        else:
+            save_model(model, path)
     finally:
         for m, b in zip(moes, biases):
             m.selection_bias = b

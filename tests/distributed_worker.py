@@ -2,7 +2,10 @@
 FSDP2 + expert parallelism on every rank, sharded checkpoints. Usage:
     torchrun --nproc_per_node=2 tests/distributed_worker.py RUN_DIR STEPS KILL_AT [distill]
 `distill`: the student learns from a frozen teacher, parallelised like the model; `bf16`: bf16
-parameters in compute, fp32 reductions; `2d`: a ("dp", "ep") mesh with expert-parallel groups of 2."""
+parameters in compute, fp32 reductions; `2d`: a ("dp", "ep") mesh with expert-parallel groups of 2.
+    torchrun --nproc_per_node=2 tests/distributed_worker.py RUN_DIR STEPS -1 rl CHECKPOINT
+`rl`: `herd train`'s online RL stage on CHECKPOINT, its answers scored by a checker whose verdicts
+vary (`lucky_rl`), 2 prompts per rank."""
 
 import sys
 from pathlib import Path
@@ -25,8 +28,32 @@ def distill_teacher():
     return small_model(seed=1, hidden_size=48)
 
 
+def lucky_rl(run):
+    """herd's RL recipe with every answer scored by `Lucky` (right iff its length is even): a random
+    model never answers a task right, and all-equal groups would leave RL nothing to train on."""
+    from herd.train.recipes import rl
+    from tests.test_post_losses import Lucky
+
+    stage = rl(run)
+    stage.data.tasks = {task.name: Lucky() for task in run.post_tasks}
+    return stage
+
+
+def rl_config(run_dir: Path, init: str, steps: int, prompts: int):
+    from herd.train.config import apply_overrides, smoke
+
+    return apply_overrides(smoke(), {"out": str(run_dir), "init": init, "code_bytes": "100000", "answer_tokens": "8",
+                                     "post_eval_problems": "2", "rl_steps": str(steps), "rl_prompts": str(prompts),
+                                     "rl_max_attempts": "1", "rl_kl_beta": "0.1", "ckpt_every": "1"})
+
+
 def main():
     run_dir, steps, kill_at = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    if sys.argv[4:5] == ["rl"]:
+        from herd.pipeline import run
+
+        run(rl_config(run_dir, sys.argv[5], steps, prompts=2), stages=[lucky_rl])
+        return
     ctx = init_distributed(expert_parallel=2 if sys.argv[4:] == ["2d"] else 0)
     model = parallelize(small_model(), ctx.mesh, param_dtype=torch.bfloat16 if sys.argv[4:] == ["bf16"] else None)
     loss = labelled_loss

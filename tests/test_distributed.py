@@ -1,10 +1,12 @@
 """FSDP2 + expert parallelism on 2 CPU processes (gloo) match one process on the same global
 batch (losses and the loss's metrics, with or without a frozen teacher sharded like the model), and
 a sharded checkpoint resumes exactly; `herd train` under torchrun trains the joint stage (images per
-rank) as one process does and distils from a sharded teacher in bf16; a 2-D mesh (4 processes,
-slow) matches one process too."""
+rank) as one process does and distils from a sharded teacher in bf16; post-training on a
+checkpoint (SFT and DPO equal to one process, online RL with rollouts per rank, resumed); a 2-D
+mesh (4 processes, slow) matches one process too."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -179,30 +181,152 @@ def test_mesh_settings_without_torchrun_are_refused(tmp_path, capsys):
 
 def test_which_stages_run_under_torchrun(capsys):
     from herd.pipeline import distributed_recipes
+    from herd.train.config import STAGES
     from herd.train.recipes import RECIPES
 
-    named = [RECIPES[s] for s in ("contrastive", "text", "align", "joint")]
-    assert distributed_recipes(named, main_rank=True) == named[1:]
+    named = [RECIPES[s] for s in STAGES]
+    assert distributed_recipes(named, main_rank=True) == named[1:]  # all but contrastive
     assert "skipping contrastive" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="sft.*do not run under torchrun"):
-        distributed_recipes(named + [RECIPES["sft"]], main_rank=True)
+    post = [RECIPES[s] for s in ("sft", "rl", "dpo")]
+    assert distributed_recipes(post, main_rank=True) == post
+    assert capsys.readouterr().out == ""
 
 
-@pytest.mark.slow
-def test_four_processes_on_a_two_dimensional_mesh_match_one(tmp_path):
-    """2 data-parallel replicas x (FSDP + expert parallelism over 2 ranks): HSDP for the dense
-    weights, experts split inside each pair and their gradients all-reduced across the pairs; the
-    losses equal one process's on the same global batch (4 ranks x 2 rows), and so do the weights."""
-    steps = 4
-    reference = small_model()
-    train(reference, cfg(steps=steps, bias_rate=0.05), token_data(batch=8), labelled_loss, tmp_path / "single")
-    run_processes(str(WORKER), str(tmp_path / "dist"), str(steps), "-1", "2d", processes=4)
-    single, four = train_losses(tmp_path / "single"), train_losses(tmp_path / "dist")
-    for step in range(1, steps + 1):
-        assert four[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
-    exported = herd.from_pretrained(tmp_path / "dist" / "hf")
-    for m in reference.modules():
-        if hasattr(m, "selection_bias"):
-            m.selection_bias = None
-    ids = torch.randint(3, 60, (1, 12))
-    torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
+# ------------------------------------------------------------------------------------------------
+# Post-training under torchrun: generation on a plain copy per rank, training on FSDP2
+# ------------------------------------------------------------------------------------------------
+
+def post_training_checkpoint(tmp_path, tiny_checkpoint) -> list[str]:
+    """A copy of the shared tiny checkpoint (never written into) and `herd train` arguments that
+    post-train it at smoke scale."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    return ["smoke", f"--init={ckpt}", "--code_bytes=100000", "--answer_tokens=8", "--post_eval_problems=2"]
+
+
+def user_data(tmp_path) -> Path:
+    """Conversations and preference pairs in one JSONL file (TRL's formats)."""
+    chats = [{"messages": [{"role": "user", "content": f"Count to {i}."},
+                           {"role": "assistant", "content": " ".join(str(k) for k in range(1, i + 2))}]}
+             for i in range(16)]
+    # not symmetric (a yes/no swap would give gradients that cancel to rounding noise, which AdamW amplifies)
+    prefs = [{"prompt": f"Is {i} odd?", "chosen": f"{i} is {'odd' if i % 2 else 'even'}.", "rejected": "I do not know."}
+             for i in range(8)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps(x) for x in chats + prefs) + "\n")
+    return data
+
+
+def one_and_two_processes(tmp_path, tiny_checkpoint, args: list[str], single: list[str], two: list[str]):
+    """`herd train ARGS` post-training a copy of the tiny checkpoint, in one process with `single`
+    and under torchrun on 2 with `two`; returns both runs' train records."""
+    from herd.cli import main
+
+    common = [*post_training_checkpoint(tmp_path, tiny_checkpoint), *args]
+    assert main(["train", *common, *single, f"--out={tmp_path / 'single'}"]) == 0
+    run_processes("-m", "herd.cli", "train", *common, *two, f"--out={tmp_path / 'two'}")
+    return stage_records(tmp_path / "single"), stage_records(tmp_path / "two")
+
+
+def test_two_processes_fine_tune_as_one_does(tmp_path, tiny_checkpoint):
+    """`herd train --init=CKPT --stages=sft --sft_data=...` under torchrun: the answer losses that
+    tag difficulty are computed by each rank for a block of the conversations and all-gathered, so
+    every rank keeps the same documents and packs its rows of the same global batch; the held-out
+    accuracy is generated by each rank on a plain copy of the weights, for its block of the problems.
+    The losses equal one process's at twice the per-rank batch, and so do the final weights."""
+    from safetensors.torch import load_file
+
+    single, two = one_and_two_processes(tmp_path, tiny_checkpoint, ["--stages=sft", f"--sft_data={user_data(tmp_path)}",
+                                                                    "--easy_loss=0"], ["--batch_size=4"], ["--batch_size=2"])
+    assert single.keys() == two.keys() == {("sft", s) for s in (1, 2, 3)}
+    for key in single:
+        assert two[key]["loss"] == pytest.approx(single[key]["loss"], rel=1e-5, abs=1e-6), key
+    a, b = (load_file(next((tmp_path / run / "model").glob("*.safetensors"))) for run in ("single", "two"))
+    assert a.keys() == b.keys()
+    for name in a:  # AdamW may turn an element's rounding-level gradient into a step of up to lr (1e-3)
+        torch.testing.assert_close(b[name], a[name], rtol=1e-4, atol=1e-4)
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["task_accuracy"].keys() == {"pretrained", "sft"}
+
+
+def test_two_processes_prefer_as_one_does(tmp_path, tiny_checkpoint):
+    """`herd train --init=CKPT --stages=dpo --dpo_data=...` under torchrun: each rank trains on its
+    block of every global batch of pairs, against a frozen reference sharded like the model. The
+    first loss is log 2 on both, and the losses equal one process's at twice the per-rank pairs."""
+    single, two = one_and_two_processes(tmp_path, tiny_checkpoint,
+                                        ["--stages=dpo", f"--dpo_data={user_data(tmp_path)}", "--dpo_lr=1e-3"],
+                                        ["--dpo_pairs=4"], ["--dpo_pairs=2"])
+    assert single.keys() == two.keys() == {("dpo", s) for s in (1, 2, 3)}
+    for records in (single, two):
+        assert records[("dpo", 1)]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert two[("dpo", 3)]["loss"] < math.log(2) - 0.1  # the policy moved away from its reference
+    for key in single:  # DPO's loss is a difference of differences of summed log-probabilities (tens of
+        # nats each, in fp32): another order of the gradient sums shows at ~1e-5 after two steps
+        for name in ("loss", "reward_margin", "reward_accuracy"):
+            assert two[key][name] == pytest.approx(single[key][name], rel=1e-4, abs=1e-6), (key, name)
+
+
+def test_two_processes_post_train_on_the_tasks_as_one_does(tmp_path, tiny_checkpoint):
+    """`torchrun -m herd.cli train --init=CKPT --stages=sft,rl,dpo`: every generation (held-out
+    accuracy, SFT's pass@k tags, RL's rollouts and re-filtering, DPO's sampled pairs) runs on a plain
+    copy of the weights per rank, each rank a block of the rows, seeded as one process seeds them.
+    So the tags, the pairs and the training equal one process's at twice the per-rank batch; the
+    task conversations about images make steps where a rank has no image (empty tiles then)."""
+    from herd.cli import main
+
+    common = [*post_training_checkpoint(tmp_path, tiny_checkpoint), "--stages=sft,rl,dpo"]
+    assert main(["train", *common, "--batch_size=4", "--rl_prompts=4", "--dpo_pairs=4",
+                 f"--out={tmp_path / 'single'}"]) == 0
+    run_processes("-m", "herd.cli", "train", *common, "--batch_size=2", "--rl_prompts=2", "--dpo_pairs=2",
+                  f"--out={tmp_path / 'two'}")
+    single, two = stage_records(tmp_path / "single"), stage_records(tmp_path / "two")
+    assert single.keys() == two.keys() == {(stage, s) for stage in ("sft", "rl", "dpo") for s in (1, 2, 3)}
+    for key in single:
+        for name in ("loss", "rollouts") if key[0] == "rl" else ("loss",):
+            assert two[key][name] == pytest.approx(single[key][name], rel=1e-5, abs=1e-6), (key, name)
+    assert two[("dpo", 1)]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("single", "two")]
+    assert summaries[0]["stages"]["dpo"]["pairs"] == summaries[1]["stages"]["dpo"]["pairs"] > 0
+    assert summaries[1]["task_accuracy"].keys() == {"pretrained", "sft", "rl", "dpo"}
+    assert (tmp_path / "two" / "base" / "tokenizer.json").exists()  # the start, kept beside model/
+
+
+def stage_records(run_dir: Path) -> dict[tuple[str, int], dict]:
+    return {(r["stage"], r["step"]): r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "train"}
+
+
+def test_two_processes_run_online_rl_and_resume_it(tmp_path, tiny_checkpoint):
+    """`herd train`'s RL stage under torchrun (tests/distributed_worker.py `lucky_rl`: a checker
+    whose verdicts vary, so groups have signal): each rank samples its block of the global batch of
+    prompts on its own plain copy of the policy (refreshed before every step), the pool is
+    re-filtered by the ranks together, and the logged metrics cover every rank: as many rollouts a
+    step as one process makes at twice the prompts. Not equal to one process otherwise: each rank
+    refills its own batch after dropping zero-advantage groups, so the kept groups (and the token
+    count the loss divides by) depend on which rank sampled them. Resumed from its sharded
+    checkpoint (each rank's rollout state in its trainer file), it continues with the same losses."""
+    from herd.pipeline import run
+    from tests.distributed_worker import lucky_rl, rl_config
+
+    steps, ckpt = 3, tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, ckpt)
+    run(rl_config(tmp_path / "single", str(ckpt), steps, prompts=4), stages=[lucky_rl])
+    torchrun(tmp_path / "two", steps, -1, "rl", str(ckpt))
+    single, two = stage_records(tmp_path / "single"), stage_records(tmp_path / "two")
+    assert single.keys() == two.keys() == {("rl", s) for s in range(1, steps + 1)}
+    for key, record in two.items():
+        assert record["rollouts"] == single[key]["rollouts"] == 4 * 2, key  # prompts x group, over the ranks
+        assert record["draws"] == 1 and math.isfinite(record["loss"]) and record["kl"] >= 0
+    first = two[("rl", 1)]  # the policy is its reference: any gradient comes from the advantages
+    assert first["zero_advantage_groups"] < 1 and first["grad_norm"] > 0
+    assert two[("rl", steps)]["kl"] > 1e-6  # the policy moved away from its sharded reference
+
+    ckpts = tmp_path / "two" / "checkpoints" / "rl"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step")) == ["step_000002", "step_000003"]
+    shutil.rmtree(ckpts / "step_000003")
+    (tmp_path / "two" / "metrics.jsonl").write_text("")
+    torchrun(tmp_path / "two", steps, -1, "rl", str(ckpt))
+    resumed = stage_records(tmp_path / "two")
+    assert resumed.keys() == {("rl", steps)}
+    for name in ("loss", "grad_norm", "kl", "reward", "zero_advantage_groups", "pool"):
+        assert resumed[("rl", steps)][name] == pytest.approx(two[("rl", steps)][name], rel=1e-6,
+                                                                   abs=1e-7), name

@@ -78,10 +78,12 @@ class InferenceCopy:
     `herd.inference.prepare_for_decoding` applied to a plain copy of the current weights. The fused
     layouts differ from the trained ones, so `sync` rebuilds the copy rather than copying tensor by
     tensor. Under FSDP every rank gathers the full weights (a collective: every rank syncs) and
-    generates alone."""
+    generates alone. `decode_ready=False` keeps the plain copy (an unsharded `Llama4` in eval mode:
+    the post-training recipes generate with it under torchrun and shard a frozen reference from it)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, decode_ready: bool = True):
         self.model: nn.Module | None = None
+        self.decode_ready = decode_ready
         self.sync(model)
 
     @torch.no_grad()
@@ -99,7 +101,7 @@ class InferenceCopy:
         for src, dst in zip((m for m in model.modules() if isinstance(m, MoE)),
                             (m for m in plain.modules() if isinstance(m, MoE))):
             dst.selection_bias = None if src.selection_bias is None else src.selection_bias.clone()
-        self.model = prepare_for_decoding(plain.eval())
+        self.model = prepare_for_decoding(plain.eval()) if self.decode_ready else plain.eval()
 
 
 @dataclass

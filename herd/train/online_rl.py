@@ -14,8 +14,16 @@ times and the pool becomes the candidates whose pass rate lies strictly inside t
 4's continuous online RL). The candidates mix the tasks, text and image, so every batch does.
 
 Logged per batch (sums and counts, through the loss): reward, accuracy, format, completion
-tokens, the fraction of sampled groups dropped as zero-advantage, the draws it took, the pool's
-size and its mean pass rate at the last re-filtering.
+tokens, the fraction of sampled groups dropped as zero-advantage, the draws it took, the rollouts
+sampled (a total over the ranks), the pool's size and its mean pass rate at the last re-filtering.
+
+Under torchrun (`rank`, `world_size`) `prompts` is per rank: every draw is the one a single process
+with `prompts * world_size` would make, and rank r samples its block of it, its rows seeded as that
+process would seed them; the ranks keep drawing in step (until every rank's batch is full, or
+`max_attempts`), so their positions in the pool's order stay equal. Re-filtering shares the
+candidates out (each rank scores a block, the pass rates are all-gathered), so every rank keeps the
+same pool. `policy` must then be a plain, unsharded copy of the weights on each rank (the recipe
+refreshes it before each step), since generating runs a different number of forwards per rank.
 
 This sits apart from herd.train.rollouts because it uses the difficulty tagger, which uses rollouts.
 """
@@ -29,6 +37,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from ..distributed.sharing import every_rank, share_work
 from ..tasks import Problem, Task
 from .difficulty import keep_window
 from .post_losses import RLBatch
@@ -45,20 +54,24 @@ class OnlineRollouts:
     """A DataSource of RLBatches sampled from `policy` (herd.train.loop). Its state (the pool as
     candidate indices, the position in the current order, the order's epoch, the number of sampling
     calls, which seeds the next one) makes a resumed run draw and sample exactly what it would have.
-    `tasks` overrides the checker of a task by name (as in `sample_rollouts`)."""
+    `tasks` overrides the checker of a task by name (as in `sample_rollouts`). `tile_shape` (C, S, S):
+    a batch without images carries empty pixel_values, so that every rank runs the vision tower."""
 
     def __init__(self, policy: nn.Module, tokenizer: "Tokenizer", candidates: Sequence[Problem], *, prompts: int,
                  group_size: int, max_new_tokens: int, refilter_every: int, max_attempts: int = 4,
                  window: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0, seed: int = 0,
-                 image_processor: "ImageProcessor | None" = None, tasks: Mapping[str, Task] | None = None):
-        if not 1 <= prompts <= len(candidates):
-            raise ValueError(f"prompts per batch must be between 1 and the {len(candidates)} candidates, got {prompts}")
+                 image_processor: "ImageProcessor | None" = None, tasks: Mapping[str, Task] | None = None,
+                 rank: int = 0, world_size: int = 1, tile_shape: tuple[int, int, int] | None = None):
+        if not 1 <= prompts * world_size <= len(candidates):
+            raise ValueError(f"prompts per batch ({prompts}) times the {world_size} process(es) must be between 1 and "
+                             f"the {len(candidates)} candidates; lower the prompts or add candidates")
         if refilter_every < 1 or max_attempts < 1:
             raise ValueError(f"refilter_every and max_attempts must be positive, got {refilter_every}, {max_attempts}")
         self.policy, self.tokenizer, self.candidates = policy, tokenizer, list(candidates)
         self.prompts, self.group_size, self.max_new_tokens = prompts, group_size, max_new_tokens
         self.refilter_every, self.max_attempts, self.window = refilter_every, max_attempts, window
         self.temperature, self.seed, self.image_processor, self.tasks = temperature, seed, image_processor, tasks
+        self.rank, self.world_size, self.tile_shape = rank, world_size, tile_shape
         self.pool = list(range(len(self.candidates)))
         self.position = self.epoch = self.calls = self.batches = 0
         self.pool_pass_rate = 0.0
@@ -74,35 +87,41 @@ class OnlineRollouts:
         self.batches, self.pool_pass_rate = state["batches"], state["pool_pass_rate"]
 
     # ---------------------------------------------------------------- sampling
-    def _sample(self, problems: Sequence[Problem]) -> Rollouts:
+    def _sample(self, problems: Sequence[Problem], first_row: int = 0) -> Rollouts:
+        """Rollouts of `problems` whose rows are rows `first_row`... of this sampling call."""
         was_training = self.policy.training
         self.policy.eval()
         try:
             return sample_rollouts(self.policy, self.tokenizer, problems, group_size=self.group_size,
                                    max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                                   seed=self.seed + self.calls * SEED_STRIDE, image_processor=self.image_processor,
-                                   tasks=self.tasks)
+                                   seed=self.seed + self.calls * SEED_STRIDE + first_row,
+                                   image_processor=self.image_processor, tasks=self.tasks)
         finally:
-            self.calls += 1
             self.policy.train(was_training)
 
     def _draw(self) -> list[Problem]:
-        """The next `prompts` problems of the pool in this epoch's shuffled order; a new epoch reshuffles."""
-        if self.position + self.prompts > len(self.pool):
+        """This rank's block of the next `prompts * world_size` problems of the pool in this epoch's
+        shuffled order; a new epoch reshuffles."""
+        size = self.prompts * self.world_size
+        if self.position + size > len(self.pool):
             self.epoch, self.position = self.epoch + 1, 0
         order = list(self.pool)
         random.Random(self.seed * 7919 + self.epoch).shuffle(order)
-        picked = order[self.position:self.position + self.prompts]
-        self.position += self.prompts
+        picked = order[self.position + self.rank * self.prompts:self.position + (self.rank + 1) * self.prompts]
+        self.position += size
         return [self.candidates[i] for i in picked]
 
     def refilter(self) -> None:
-        """The policy answers every candidate; the pool keeps those inside the pass-rate window (the old
-        pool stays if fewer than a batch's worth would)."""
-        rollouts = self._sample(self.candidates)
-        rates = rollouts.grouped(rollouts.answer_rewards).mean(1).tolist()  # pass@1 from group_size samples
+        """The policy answers every candidate (each rank a block); the pool keeps those inside the
+        pass-rate window (the old pool stays if fewer than a batch's worth would)."""
+        def pass_rates(block: list[Problem], start: int) -> list[float]:  # pass@1 from group_size samples
+            rollouts = self._sample(block, first_row=start * self.group_size)
+            return rollouts.grouped(rollouts.answer_rewards).mean(1).tolist()
+
+        rates = share_work(pass_rates, self.candidates, self.rank, self.world_size)
+        self.calls += 1
         kept, _ = keep_window(list(range(len(self.candidates))), rates, *self.window)
-        if len(kept) >= self.prompts:
+        if len(kept) >= self.prompts * self.world_size:
             self.pool = kept
         self.pool_pass_rate = sum(rates) / len(rates)
         self.epoch, self.position = self.epoch + 1, 0
@@ -112,18 +131,23 @@ class OnlineRollouts:
             self.refilter()
         self.batches += 1
         sampled, kept, n_kept = [], [], 0
-        for _ in range(self.max_attempts):
-            rollouts = self._sample(self._draw())
-            sampled.append(rollouts)
-            informative = rollouts.informative()
-            informative &= torch.cumsum(informative, 0) <= self.prompts - n_kept  # no more than a batch
-            if informative.any():
-                kept.append(rollouts.select(informative))
-                n_kept += int(informative.sum())
-            if n_kept == self.prompts:
+        for draws in range(1, self.max_attempts + 1):
+            problems = self._draw()  # every rank draws, full or not, so that the ranks stay in step
+            if n_kept < self.prompts:
+                rollouts = self._sample(problems, first_row=self.rank * self.prompts * self.group_size)
+                sampled.append(rollouts)
+                informative = rollouts.informative()
+                informative &= torch.cumsum(informative, 0) <= self.prompts - n_kept  # no more than a batch
+                if informative.any():
+                    kept.append(rollouts.select(informative))
+                    n_kept += int(informative.sum())
+            self.calls += 1
+            if every_rank(n_kept == self.prompts, self.world_size):
                 break
         # With no informative group at all the last draw trains as it is: zero advantages, no gradient.
         batch = concat_rollouts(kept, self.tokenizer.pad_id) if kept else sampled[-1]
+        if batch.batch.pixel_values is None and self.tile_shape is not None:
+            batch.batch.pixel_values = torch.zeros(0, *self.tile_shape)
         total = lambda value: sum(float(value(r)) for r in sampled)  # noqa: E731  over every sampled group
         rows, groups = total(len), total(lambda r: len(r.problems))
         metrics = {"reward": (total(lambda r: r.rewards.sum()), rows),
@@ -131,6 +155,8 @@ class OnlineRollouts:
                    "format": (total(lambda r: r.format_rewards.sum()), rows),
                    "completion_tokens": (total(lambda r: r.assistant_mask.sum()), rows),
                    "zero_advantage_groups": (total(lambda r: (~r.informative()).sum()), groups),
-                   "draws": (float(len(sampled)), 1), "pool": (float(len(self.pool)), 1),
+                   # counted once (rank 0), so that the ranks' sums add up to a total, not a mean
+                   "rollouts": (rows, float(self.rank == 0)),
+                   "draws": (float(draws), 1), "pool": (float(len(self.pool)), 1),
                    "pool_pass_rate": (self.pool_pass_rate, 1)}
         return RLBatch(batch.batch, batch.advantages(), metrics=metrics)

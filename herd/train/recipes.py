@@ -48,13 +48,15 @@ from ..tokenizer import Tokenizer
 from .captions import ContrastivePairs
 from .config import RunConfig, TrainConfig
 from ..eval import LMEvaluator, token_byte_lengths
+from ..distributed.sharing import block, share_work
 from .difficulty import drop_easy, loss_difficulty, pass_rates
 from .distill import DistillationLoss, load_teacher
+from .loop import InferenceCopy, StepHook, train
 from .losses import ContrastiveLoss, LossOutput, causal_lm_loss
 from .metrics import training_flops_per_token
 from .online_rl import OnlineRollouts
 from .post_losses import DPOLoss, GRPOLoss, PreferenceBatch, answer_rows
-from .rollouts import dpo_pairs, preference_rows, sample_rollouts, task_accuracy
+from .rollouts import accuracy_by_task, dpo_pairs, preference_rows, sample_rollouts, sampled_scores, task_scores
 
 TEXT_TOWER = ("embed_tokens.", "layers.", "norm.", "lm_head.")
 # The MFU the decoder stages reach on 2-core CPUs (text 51%, joint 48% on a quiet AVX2 Zen 3 machine;
@@ -73,6 +75,7 @@ class Stage:
     evaluate: Callable[[nn.Module], dict] | None = None
     decoder_rows: bool = False  # the decoder runs on full rows: log MFU, estimate the duration first
     images: bool = False  # the stage trains on images (the run then captions held-out ones)
+    on_step: StepHook | None = None  # called before each step (herd.train.loop.StepContext)
 
 
 @dataclass
@@ -223,16 +226,59 @@ class Run:
 
     def task_eval(self, model: nn.Module) -> dict:
         """Greedy held-out accuracy per task (and the share of well-formed answers), by the checkers;
-        with post_eval_samples, the same measured on sampled answers (at the RL temperature)."""
-        cfg = self.cfg
-        return task_accuracy(model, self.tokenizer, self.task_heldout, max_new_tokens=cfg.answer_tokens,
-                             image_processor=self.post_processor, samples=cfg.post_eval_samples,
-                             temperature=cfg.rl_temperature, seed=cfg.train.seed + 3)
+        with post_eval_samples, the same measured on sampled answers (at the RL temperature). Under
+        torchrun each rank answers a block of the problems."""
+        cfg, generator = self.cfg, self.generator(model)
+        problems, samples = self.task_heldout, cfg.post_eval_samples
+        scores = self.share(lambda block, _: task_scores(generator, self.tokenizer, block,
+                                                         max_new_tokens=cfg.answer_tokens,
+                                                         image_processor=self.post_processor), problems)
+        result = accuracy_by_task(problems, scores)
+        if samples >= 2:  # rows seeded as one process seeds them (samples rows per problem)
+            sampled = self.share(lambda block, start: sampled_scores(
+                generator, self.tokenizer, block, samples=samples, max_new_tokens=cfg.answer_tokens,
+                temperature=cfg.rl_temperature, seed=cfg.train.seed + 3 + start * samples,
+                image_processor=self.post_processor), problems)
+            result |= accuracy_by_task(problems, sampled, suffix="_sampled")
+        return result
 
     def pretrained_accuracy(self) -> None:
         """The base model's held-out accuracy, measured once, before the first post-training stage."""
         if "pretrained" not in self.task_accuracy:
             self.task_accuracy["pretrained"] = self.task_eval(self.model)
+
+    # ---------------------------------------------------------------- generating under torchrun
+    # A forward of the FSDP2 model is a series of collectives every rank must join, and generating
+    # runs a different number of forwards on each rank (answers stop at different lengths). So under
+    # torchrun each rank generates with a plain, unsharded copy of the current weights, a share of
+    # the work each (`share`), and the results are all-gathered: every rank ends with the same tags,
+    # pools and pairs. In one process all three are the identity: the model itself generates.
+    def generator(self, model: nn.Module | None = None) -> nn.Module:
+        """The model to generate with, as `model` (default: the run's) is now: itself in one process;
+        under torchrun a plain copy gathered from the shards (a collective: every rank calls this at
+        the same point), freed when its user lets go of it."""
+        model = model if model is not None else self.model
+        return model if self.world_size == 1 else InferenceCopy(model, decode_ready=False).model
+
+    def share(self, work: Callable, items: list) -> list:
+        """`work(block, start)` on this rank's block of `items`, the results of all ranks concatenated
+        (herd.distributed.sharing); `work(items, 0)` in one process."""
+        return share_work(work, items, self.rank, self.world_size)
+
+    def frozen_copy(self) -> nn.Module:
+        """A copy of the model as it is now, to be frozen (a DPO or KL reference): under torchrun
+        built from the gathered weights and sharded like the model."""
+        return copy.deepcopy(self.model) if self.world_size == 1 else self.parallelize(self.generator())
+
+    @property
+    def empty_tiles(self) -> tuple[int, int, int] | None:
+        """Under torchrun, with a vision tower: the tile shape a post-training batch without images
+        carries as empty pixel_values, so that every rank runs the vision tower (its FSDP2 collectives)
+        each step. In one process None: such a batch skips the tower, as it always has (its weights
+        then get no gradient rather than a zero one, which AdamW would still decay)."""
+        if self.world_size == 1 or self.vision is None:
+            return None
+        return self.vision.num_channels, self.vision.image_size, self.vision.image_size
 
 
 HELDOUT_START = 10_000_000  # index of the first held-out scene
@@ -314,23 +360,31 @@ def sft(run: Run) -> Stage | None:
     if not cfg.sft_steps:
         return None
     run.pretrained_accuracy()
+    generator = run.generator()
     was_training = model.training
     model.eval()
     problems = [] if cfg.sft_data else run.train_problems(cfg.sft_problems, seed_offset=0)
     tasks = [render_chat(p.messages(with_answer=True), tok, image_processor=run.post_processor) for p in problems]
     problems, tasks = [p for p, r in zip(problems, tasks) if len(r) <= tc.seq_len], [r for r in tasks
                                                                                      if len(r) <= tc.seq_len]
-    rates = pass_rates(model, tok, problems, n=cfg.tag_samples, k=cfg.tag_k, max_new_tokens=cfg.answer_tokens,
-                       seed=tc.seed, image_processor=run.post_processor) if problems else []
+
+    def tag(block, start):  # rows seeded as one process seeds them (tag_samples rows per problem)
+        return pass_rates(generator, tok, block, n=cfg.tag_samples, k=cfg.tag_k, max_new_tokens=cfg.answer_tokens,
+                          seed=tc.seed + start * cfg.tag_samples, image_processor=run.post_processor)
+
+    rates = run.share(tag, problems) if problems else []
     if cfg.sft_data:  # the user's conversations replace the tasks' and the code instructions
         chats, _ = split_records(read_user_data(cfg.sft_data, on_error="skip"))
         code = render_chats(chats, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
     else:
         code = [render_chat(c.messages, tok) for c in code_instructions("train", max_items=cfg.sft_code)]
         code = [r for r in code if len(r) <= tc.seq_len]
-    # The judge score: the model's mean loss on the reference answer (low: it already writes it).
-    losses = [loss_difficulty(model, answer_rows(chunk, tok.pad_id)) for chunk in _chunks(tasks + code, 16)]
-    losses = torch.cat(losses).tolist() if losses else []
+
+    def answer_losses(block, _):  # the judge score: the mean loss on the reference answer (low: it writes it)
+        return torch.cat([loss_difficulty(generator, answer_rows(chunk, tok.pad_id))
+                          for chunk in _chunks(block, 16)]).tolist()
+
+    losses = run.share(answer_losses, tasks + code) if tasks or code else []
     model.train(was_training)
 
     # Each task apart, so the mix stays balanced: easy = pass@k at least easy_pass_rate, then all but
@@ -349,15 +403,10 @@ def sft(run: Run) -> Stage | None:
                "dropped_easy_code": 1 - len(hard_code) / max(len(code), 1)}
     tiles = run.post_processor.tokens_per_tile if run.post_processor else None
     docs = [chat_document(r, tok, tiles) for r in hard_tasks + hard_code]
-    if run.rank == 0:
-        print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(tasks)} task prompts, "
-              f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} "
-              f"{'conversations of ' + cfg.sft_data if cfg.sft_data else 'code instructions'}, "
-              f"{dropped['dropped_easy_code']:.0%} dropped); training on {len(docs)} conversations")
     if not docs:
         raise ValueError(f"sft: all {total} examples were tagged easy; raise --easy_pass_rate or lower --easy_loss")
     if run.rank == 0:
-        print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(problems)} task prompts, "
+        print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(tasks)} task prompts, "
               f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} "
               f"{'conversations of ' + cfg.sft_data if cfg.sft_data else 'code instructions'}, "
               f"{dropped['dropped_easy_code']:.0%} dropped); training on {len(docs)} conversations")
@@ -366,26 +415,32 @@ def sft(run: Run) -> Stage | None:
         run.task_accuracy["sft"] = run.task_eval(model)  # the last evaluation is the stage's result
         return {**run.task_accuracy["sft"], **dropped}
 
-    return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr),
-                 run.loader(docs, tc.batch_size, tc.seed + 11, whole_documents=True), causal_lm_loss, ("",), evaluate,
-                 images=any(d.pixel_values is not None for d in docs))
+    images = any(d.pixel_values is not None for d in docs)
+    rows = run.loader(docs, tc.batch_size, tc.seed + 11, whole_documents=True,
+                      tile_shape=run.empty_tiles if images else None)
+    return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr), rows, causal_lm_loss, ("",), evaluate,
+                 images=images)
 
 
 def rl(run: Run) -> Stage | None:
     """Online RL: GRPO with DAPO's token mean and clip-higher on rollouts of the policy as it learns
     (herd.train.online_rl: dynamic filtering of zero-advantage groups, a candidate pool of every
     task re-filtered to medium-to-hard prompts every `rl_refilter_every` steps). The KL to a frozen
-    copy of the policy as RL starts is logged, and trained against only when `rl_kl_beta` > 0."""
-    cfg, tc, model = run.cfg, run.cfg.train, run.model
+    copy of the policy as RL starts is logged, and trained against only when `rl_kl_beta` > 0.
+    Under torchrun `rl_prompts` is per rank: each rank samples its block of the global batch."""
+    cfg, tc = run.cfg, run.cfg.train
     if not cfg.rl_steps:
         return None
     run.pretrained_accuracy()
-    data = OnlineRollouts(model, run.tokenizer, run.train_problems(cfg.rl_problems, seed_offset=2),
+    data = OnlineRollouts(run.generator(), run.tokenizer, run.train_problems(cfg.rl_problems, seed_offset=2),
                           prompts=cfg.rl_prompts, group_size=cfg.rl_group, max_new_tokens=cfg.answer_tokens,
                           refilter_every=cfg.rl_refilter_every, max_attempts=cfg.rl_max_attempts,
-                          temperature=cfg.rl_temperature, seed=tc.seed + 2,
-                          image_processor=run.post_processor)
-    loss = GRPOLoss(cfg.rl_eps_low, cfg.rl_eps_high, cfg.rl_kl_beta, reference=copy.deepcopy(model))
+                          temperature=cfg.rl_temperature, seed=tc.seed + 2, image_processor=run.post_processor,
+                          rank=run.rank, world_size=run.world_size, tile_shape=run.empty_tiles)
+    loss = GRPOLoss(cfg.rl_eps_low, cfg.rl_eps_high, cfg.rl_kl_beta, reference=run.frozen_copy())
+
+    def sample_the_current_policy(context):  # before each step's rollouts (a resumed run: its loaded weights)
+        data.policy = run.generator(context.model)
 
     def evaluate(model):
         run.task_accuracy["rl"] = run.task_eval(model)
@@ -393,7 +448,7 @@ def rl(run: Run) -> Stage | None:
 
     # every step's rollouts are a fresh sample of the policy: log each one, for the report's curves
     return Stage("rl", run.stage_config(cfg.rl_steps, cfg.rl_lr, balance="none", log_every=1), data, loss, ("",),
-                 evaluate, images=any(p.image is not None for p in data.candidates))
+                 evaluate, images=any(p.image is not None for p in data.candidates), on_step=sample_the_current_policy)
 
 
 class PairBatches:
@@ -418,7 +473,8 @@ def dpo(run: Run) -> Stage | None:
     """Lightweight DPO on pairs from the policy's own answers graded by the checkers (chosen: right
     and well-formed; rejected: wrong, ill-formed or cut off), against a frozen copy of the policy as
     it starts (a frozen model of the loop: not optimised, not checkpointed). With `dpo_data`, the
-    user's preference pairs instead."""
+    user's preference pairs instead. Under torchrun `dpo_pairs` is per rank: each rank trains on its
+    block of every global batch of pairs."""
     cfg, tc, tok, model = run.cfg, run.cfg.train, run.tokenizer, run.model
     if not cfg.dpo_steps:
         return None
@@ -428,13 +484,20 @@ def dpo(run: Run) -> Stage | None:
         pairs = preference_pairs(prefs, tok, run.post_processor, max_tokens=tc.seq_len, on_error="skip")
         own, source = 0.0, f"from {cfg.dpo_data}"
     else:
+        generator = run.generator()
         was_training = model.training
         model.eval()
-        rollouts = sample_rollouts(model, tok, run.train_problems(cfg.dpo_problems, seed_offset=1),
-                                   group_size=cfg.dpo_samples, max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1,
-                                   image_processor=run.post_processor)
+
+        def graded_pairs(block, start):  # rows seeded as one process seeds them
+            rollouts = sample_rollouts(generator, tok, block, group_size=cfg.dpo_samples,
+                                       max_new_tokens=cfg.answer_tokens, seed=tc.seed + 1 + start * cfg.dpo_samples,
+                                       image_processor=run.post_processor)
+            return [dpo_pairs(rollouts, tok, run.post_processor)]
+
+        parts = run.share(graded_pairs, run.train_problems(cfg.dpo_problems, seed_offset=1))
         model.train(was_training)
-        pairs, own = dpo_pairs(rollouts, tok, run.post_processor)
+        pairs = [p for part, _ in parts for p in part]
+        own = sum(round(share * len(part)) for part, share in parts) / max(len(pairs), 1)
         pairs = [p for p in pairs if len(p[0]) + max(len(p[1]), len(p[2])) <= tc.seq_len]
         source = f"{own:.0%} with the policy's own right answer as chosen"
     if not pairs:
@@ -442,11 +505,21 @@ def dpo(run: Run) -> Stage | None:
                          "dpo: no preference pairs (every sampled answer was right, or too long for --seq_len)")
     if run.rank == 0:
         print(f"[dpo] {len(pairs)} preference pairs, {source}")
-    chunks = [pairs[i:i + cfg.dpo_pairs] for i in range(0, len(pairs), cfg.dpo_pairs)]
+    world = run.world_size
+    if len(pairs) < world:
+        raise ValueError(f"dpo: {len(pairs)} preference pair(s) for {world} processes, which need one each at "
+                         "least; give more pairs (--dpo_data, --dpo_problems) or run fewer processes")
+    size = cfg.dpo_pairs * world  # a global batch; each rank trains on its block
+    chunks = [pairs[i:i + size] for i in range(0, len(pairs), size)]
+    if len(chunks[-1]) < world:  # too few to give every rank a pair: the last batch joins the one before
+        chunks[-2:] = [chunks[-2] + chunks[-1]]
+    chunks = [chunk[slice(*block(len(chunk), run.rank, world))] for chunk in chunks]
     batches = [PreferenceBatch(answer_rows([c for c, _ in chunk] + [r for _, r in chunk], tok.pad_id))
                if cfg.dpo_data else preference_rows(chunk, tok.pad_id) for chunk in chunks]
-    reference = copy.deepcopy(model)
-    loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=reference)
+    for b in batches:
+        if b.batch.pixel_values is None and run.empty_tiles is not None:
+            b.batch.pixel_values = torch.zeros(0, *run.empty_tiles)
+    loss = DPOLoss(cfg.dpo_beta, cfg.dpo_nll_weight, reference=run.frozen_copy())
 
     def evaluate(model):
         run.task_accuracy["dpo"] = run.task_eval(model)
@@ -478,8 +551,6 @@ def estimate_seconds(run: Run, stage: Stage) -> float:
 
 def run_stage(run: Run, stage: Stage) -> None:
     """Freezes all but the stage's trainable weights, trains (or resumes) it, records the result."""
-    from .loop import train
-
     main = run.rank == 0
     if stage.decoder_rows:
         run.estimates[stage.name] = estimate_seconds(run, stage)
@@ -493,7 +564,8 @@ def run_stage(run: Run, stage: Stage) -> None:
     start = time.perf_counter()
     result = train(run.model, stage.config, stage.data, stage.loss, run.out, stage=stage.name,
                    evaluate=stage.evaluate, checkpointer=run.checkpointer_for(stage.name),
-                   flops_per_token=run.flops_per_token if stage.decoder_rows else None, peak_flops=run.peak_flops)
+                   flops_per_token=run.flops_per_token if stage.decoder_rows else None, peak_flops=run.peak_flops,
+                   on_step=stage.on_step)
     run.timings[stage.name] = time.perf_counter() - start
     run.results[stage.name] = {"loss": result.loss, **result.eval}
     run.trained_on_images |= stage.images

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..chat import parse_assistant, render_chat
 from ..inference import generate, pad_prompts
-from ..tasks import Problem, Task, get_task
+from ..tasks import Problem, Score, Task, get_task
 from .losses import IGNORE, Batch
 from .post_losses import PreferenceBatch, RLBatch, group_advantages, informative_groups, sequence_logprobs
 
@@ -213,17 +213,11 @@ def sample_rollouts(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence
 
 
 @torch.no_grad()
-def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
-                  image_processor: "ImageProcessor | None" = None, batch_size: int = 32, samples: int = 0,
-                  temperature: float = 0.7, seed: int = 0) -> dict[str, float]:
-    """Greedy answers to `problems`, scored by their tasks' checkers: {task: accuracy} plus
-    {task_format: share well-formed}, the held-out measure every post-training stage reports.
-    With `samples` >= 2, also `samples` sampled answers per problem at `temperature` (how a chat
-    model is used): {task_sampled: accuracy, task_sampled_format: share well-formed and stopped},
-    the response quality that DPO's pairs (right and tidy against wrong, ill-formed or cut off) target."""
+def task_scores(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
+                image_processor: "ImageProcessor | None" = None, batch_size: int = 32) -> list[Score]:
+    """The checkers' score of a greedy answer to each problem."""
     stops = [tokenizer.eot_id, tokenizer.eom_id, tokenizer.end_of_text_id]
-    right: dict[str, list[float]] = {}
-    tidy: dict[str, list[float]] = {}
+    scores = []
     was_training = model.training
     model.eval()
     for start in range(0, len(problems), batch_size):
@@ -237,21 +231,47 @@ def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[P
         for p, ids in zip(chunk, out[:, input_ids.shape[1]:].tolist()):
             cut = next((k for k, t in enumerate(ids) if t in stops), None)
             reply = parse_assistant(ids if cut is None else ids[:cut + 1], tokenizer)
-            score = get_task(p.task).check(p, reply.content, stopped=cut is not None)
-            right.setdefault(p.task, []).append(score.answer)
-            tidy.setdefault(p.task, []).append(score.format)
-    result = {**{t: sum(v) / len(v) for t, v in right.items()},
-              **{f"{t}_format": sum(v) / len(v) for t, v in tidy.items()}}
-    if samples >= 2:
-        rollouts = sample_rollouts(model, tokenizer, problems, group_size=samples, max_new_tokens=max_new_tokens,
-                                   temperature=temperature, seed=seed, image_processor=image_processor)
-        tasks = [p.task for p in problems for _ in range(samples)]
-        for t in right:
-            rows = torch.tensor([task == t for task in tasks])
-            result[f"{t}_sampled"] = rollouts.answer_rewards[rows].mean().item()
-            result[f"{t}_sampled_format"] = rollouts.format_rewards[rows].mean().item()
+            scores.append(get_task(p.task).check(p, reply.content, stopped=cut is not None))
     model.train(was_training)
-    return result
+    return scores
+
+
+def sampled_scores(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, samples: int,
+                   max_new_tokens: int, temperature: float, seed: int = 0,
+                   image_processor: "ImageProcessor | None" = None) -> list[Score]:
+    """The checkers' scores of `samples` sampled answers to each problem, problem by problem (how a
+    chat model is used: the response quality DPO's pairs target)."""
+    was_training = model.training
+    model.eval()
+    rollouts = sample_rollouts(model, tokenizer, problems, group_size=samples, max_new_tokens=max_new_tokens,
+                               temperature=temperature, seed=seed, image_processor=image_processor)
+    model.train(was_training)
+    return [Score(format=f, answer=a) for f, a in zip(rollouts.format_rewards.tolist(),
+                                                      rollouts.answer_rewards.tolist())]
+
+
+def accuracy_by_task(problems: Sequence[Problem], scores: Sequence[Score], suffix: str = "") -> dict[str, float]:
+    """{task + suffix: accuracy} plus {task + suffix + "_format": share well-formed and stopped}, the
+    held-out measure every post-training stage reports. `scores` may hold several per problem, in
+    order (`sampled_scores`)."""
+    right: dict[str, list[float]] = {}
+    tidy: dict[str, list[float]] = {}
+    per_problem = len(scores) // max(len(problems), 1)
+    if per_problem * len(problems) != len(scores):
+        raise ValueError(f"{len(scores)} scores for {len(problems)} problems; give the same number for each")
+    for i, score in enumerate(scores):
+        task = problems[i // per_problem].task
+        right.setdefault(task, []).append(score.answer)
+        tidy.setdefault(task, []).append(score.format)
+    return {**{f"{t}{suffix}": sum(v) / len(v) for t, v in right.items()},
+            **{f"{t}{suffix}_format": sum(v) / len(v) for t, v in tidy.items()}}
+
+
+def task_accuracy(model: nn.Module, tokenizer: "Tokenizer", problems: Sequence[Problem], *, max_new_tokens: int,
+                  image_processor: "ImageProcessor | None" = None, batch_size: int = 32) -> dict[str, float]:
+    """Greedy answers to `problems`, scored by their tasks' checkers: `accuracy_by_task`."""
+    return accuracy_by_task(problems, task_scores(model, tokenizer, problems, max_new_tokens=max_new_tokens,
+                                                  image_processor=image_processor, batch_size=batch_size))
 
 
 def dpo_pairs(rollouts: Rollouts, tokenizer: "Tokenizer", image_processor: "ImageProcessor | None" = None
