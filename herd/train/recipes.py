@@ -349,15 +349,10 @@ def sft(run: Run) -> Stage | None:
                "dropped_easy_code": 1 - len(hard_code) / max(len(code), 1)}
     tiles = run.post_processor.tokens_per_tile if run.post_processor else None
     docs = [chat_document(r, tok, tiles) for r in hard_tasks + hard_code]
-    if run.rank == 0:
-        print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(tasks)} task prompts, "
-              f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} "
-              f"{'conversations of ' + cfg.sft_data if cfg.sft_data else 'code instructions'}, "
-              f"{dropped['dropped_easy_code']:.0%} dropped); training on {len(docs)} conversations")
     if not docs:
         raise ValueError(f"sft: all {total} examples were tagged easy; raise --easy_pass_rate or lower --easy_loss")
     if run.rank == 0:
-        print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(problems)} task prompts, "
+        print(f"[sft] difficulty tags: dropped {dropped['dropped_easy']:.0%} as easy ({len(tasks)} task prompts, "
               f"{dropped['dropped_easy_tasks']:.0%} dropped; {len(code)} "
               f"{'conversations of ' + cfg.sft_data if cfg.sft_data else 'code instructions'}, "
               f"{dropped['dropped_easy_code']:.0%} dropped); training on {len(docs)} conversations")
