@@ -104,6 +104,21 @@ def test_two_processes_distil_from_a_sharded_frozen_teacher_as_one_does(tmp_path
                         ["loss", "hard_loss", "soft_loss", "soft_weight", "teacher_loss", "teacher_confidence"])
 
 
+def test_an_evaluation_before_training_leaves_every_weight_trained(tmp_path):
+    """A forward without backward (the evaluation that ends a stage) leaves FSDP2's root unit (the
+    embeddings, final norm and lm_head) gathered; the next stage's optimiser must still hold, and
+    train, their shards: the losses equal one process's."""
+    from tests.distributed_worker import evaluation_forward
+
+    steps, model = 4, small_model()
+    evaluation_forward(model)
+    train(model, cfg(steps=steps, bias_rate=0.05), token_data(batch=4), labelled_loss, tmp_path / "single")
+    torchrun(tmp_path / "dist", steps, -1, "evaluated")
+    single, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "dist")
+    for step in range(1, steps + 1):
+        assert two[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
+
+
 def test_bf16_parameters_with_fp32_reductions_train_like_fp32(tmp_path):
     steps = 4
     train(small_model(), cfg(steps=steps, bias_rate=0.05), token_data(batch=4), labelled_loss, tmp_path / "single")
