@@ -345,3 +345,23 @@ def test_two_processes_run_online_rl_and_resume_it(tmp_path, tiny_checkpoint):
     for name in ("loss", "grad_norm", "kl", "reward", "zero_advantage_groups", "pool"):
         assert resumed[("rl", steps)][name] == pytest.approx(two[("rl", steps)][name], rel=1e-6,
                                                                    abs=1e-7), name
+
+
+@pytest.mark.slow
+def test_four_processes_on_a_two_dimensional_mesh_match_one(tmp_path):
+    """2 data-parallel replicas x (FSDP + expert parallelism over 2 ranks): HSDP for the dense
+    weights, experts split inside each pair and their gradients all-reduced across the pairs; the
+    losses equal one process's on the same global batch (4 ranks x 2 rows), and so do the weights."""
+    steps = 4
+    reference = small_model()
+    train(reference, cfg(steps=steps, bias_rate=0.05), token_data(batch=8), labelled_loss, tmp_path / "single")
+    run_processes(str(WORKER), str(tmp_path / "dist"), str(steps), "-1", "2d", processes=4)
+    single, four = train_losses(tmp_path / "single"), train_losses(tmp_path / "dist")
+    for step in range(1, steps + 1):
+        assert four[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
+    exported = herd.from_pretrained(tmp_path / "dist" / "hf")
+    for m in reference.modules():
+        if hasattr(m, "selection_bias"):
+            m.selection_bias = None
+    ids = torch.randint(3, 60, (1, 12))
+    torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)
