@@ -251,8 +251,9 @@ def test_two_processes_fine_tune_as_one_does(tmp_path, tiny_checkpoint):
     The losses equal one process's at twice the per-rank batch, and so do the final weights."""
     from safetensors.torch import load_file
 
-    single, two = one_and_two_processes(tmp_path, tiny_checkpoint, ["--stages=sft", f"--sft_data={user_data(tmp_path)}",
-                                                                    "--easy_loss=0"], ["--batch_size=4"], ["--batch_size=2"])
+    single, two = one_and_two_processes(tmp_path, tiny_checkpoint,
+                                        ["--stages=sft", f"--sft_data={user_data(tmp_path)}", "--easy_loss=0"],
+                                        ["--batch_size=4"], ["--batch_size=2"])
     assert single.keys() == two.keys() == {("sft", s) for s in (1, 2, 3)}
     for key in single:
         assert two[key]["loss"] == pytest.approx(single[key]["loss"], rel=1e-5, abs=1e-6), key
