@@ -4,6 +4,7 @@ FSDP2 + expert parallelism on every rank, sharded checkpoints. Usage:
 `distill`: the student learns from a frozen teacher, parallelised like the model; `bf16`: bf16
 parameters in compute, fp32 reductions; `2d`: a ("dp", "ep") mesh with expert-parallel groups of 2.
     torchrun --nproc_per_node=2 tests/distributed_worker.py RUN_DIR STEPS -1 rl CHECKPOINT
+`evaluated`: a forward without backward (an evaluation) before training.
 `rl`: `herd train`'s online RL stage on CHECKPOINT, its answers scored by a checker whose verdicts
 vary (`lucky_rl`), 2 prompts per rank."""
 
@@ -26,6 +27,13 @@ BATCH = 2  # per rank
 
 def distill_teacher():
     return small_model(seed=1, hidden_size=48)
+
+
+def evaluation_forward(model):
+    model.eval()
+    with torch.no_grad():
+        model(torch.arange(3, 15)[None])
+    model.train()
 
 
 def lucky_rl(run):
@@ -60,6 +68,8 @@ def main():
     if sys.argv[4:] == ["distill"]:
         loss = DistillationLoss(parallelize(distill_teacher(), ctx.mesh), weighting="dynamic", alpha=0.9,
                                 alpha_end=0.1)
+    if sys.argv[4:] == ["evaluated"]:  # a stage before this one ended with an evaluation
+        evaluation_forward(model)
     data = token_data(batch=BATCH)
     data.rank, data.world_size = ctx.rank, ctx.world_size
     source = KillAt(data, kill_at) if kill_at >= 0 else data

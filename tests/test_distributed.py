@@ -104,6 +104,21 @@ def test_two_processes_distil_from_a_sharded_frozen_teacher_as_one_does(tmp_path
                         ["loss", "hard_loss", "soft_loss", "soft_weight", "teacher_loss", "teacher_confidence"])
 
 
+def test_an_evaluation_before_training_leaves_every_weight_trained(tmp_path):
+    """A forward without backward (the evaluation that ends a stage) leaves FSDP2's root unit (the
+    embeddings, final norm and lm_head) gathered; the next stage's optimiser must still hold, and
+    train, their shards: the losses equal one process's."""
+    from tests.distributed_worker import evaluation_forward
+
+    steps, model = 4, small_model()
+    evaluation_forward(model)
+    train(model, cfg(steps=steps, bias_rate=0.05), token_data(batch=4), labelled_loss, tmp_path / "single")
+    torchrun(tmp_path / "dist", steps, -1, "evaluated")
+    single, two = train_losses(tmp_path / "single"), train_losses(tmp_path / "dist")
+    for step in range(1, steps + 1):
+        assert two[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
+
+
 def test_bf16_parameters_with_fp32_reductions_train_like_fp32(tmp_path):
     steps = 4
     train(small_model(), cfg(steps=steps, bias_rate=0.05), token_data(batch=4), labelled_loss, tmp_path / "single")
@@ -236,8 +251,9 @@ def test_two_processes_fine_tune_as_one_does(tmp_path, tiny_checkpoint):
     The losses equal one process's at twice the per-rank batch, and so do the final weights."""
     from safetensors.torch import load_file
 
-    single, two = one_and_two_processes(tmp_path, tiny_checkpoint, ["--stages=sft", f"--sft_data={user_data(tmp_path)}",
-                                                                    "--easy_loss=0"], ["--batch_size=4"], ["--batch_size=2"])
+    single, two = one_and_two_processes(tmp_path, tiny_checkpoint,
+                                        ["--stages=sft", f"--sft_data={user_data(tmp_path)}", "--easy_loss=0"],
+                                        ["--batch_size=4"], ["--batch_size=2"])
     assert single.keys() == two.keys() == {("sft", s) for s in (1, 2, 3)}
     for key in single:
         assert two[key]["loss"] == pytest.approx(single[key]["loss"], rel=1e-5, abs=1e-6), key
@@ -330,3 +346,23 @@ def test_two_processes_run_online_rl_and_resume_it(tmp_path, tiny_checkpoint):
     for name in ("loss", "grad_norm", "kl", "reward", "zero_advantage_groups", "pool"):
         assert resumed[("rl", steps)][name] == pytest.approx(two[("rl", steps)][name], rel=1e-6,
                                                                    abs=1e-7), name
+
+
+@pytest.mark.slow
+def test_four_processes_on_a_two_dimensional_mesh_match_one(tmp_path):
+    """2 data-parallel replicas x (FSDP + expert parallelism over 2 ranks): HSDP for the dense
+    weights, experts split inside each pair and their gradients all-reduced across the pairs; the
+    losses equal one process's on the same global batch (4 ranks x 2 rows), and so do the weights."""
+    steps = 4
+    reference = small_model()
+    train(reference, cfg(steps=steps, bias_rate=0.05), token_data(batch=8), labelled_loss, tmp_path / "single")
+    run_processes(str(WORKER), str(tmp_path / "dist"), str(steps), "-1", "2d", processes=4)
+    single, four = train_losses(tmp_path / "single"), train_losses(tmp_path / "dist")
+    for step in range(1, steps + 1):
+        assert four[step] == pytest.approx(single[step], rel=1e-5, abs=1e-6), step
+    exported = herd.from_pretrained(tmp_path / "dist" / "hf")
+    for m in reference.modules():
+        if hasattr(m, "selection_bias"):
+            m.selection_bias = None
+    ids = torch.randint(3, 60, (1, 12))
+    torch.testing.assert_close(exported(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-4)

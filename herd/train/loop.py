@@ -125,6 +125,14 @@ def _all_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def reshard(model: nn.Module) -> None:
+    """Under FSDP2 a forward without backward (an evaluation) leaves the root unit's weights (the
+    embeddings, final norm, lm_head) gathered, and `named_parameters()` then yields the gathered
+    copies: frozen or optimised, they would not be the shards that train. This puts the shards back."""
+    if hasattr(model, "reshard"):
+        model.reshard()
+
+
 def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch],
           loss_fn: Callable[[nn.Module, Batch], LossOutput], run_dir: str | Path, *, stage: str = "train",
           evaluate: Callable[[nn.Module], dict] | None = None, checkpointer=None,
@@ -142,6 +150,7 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
     keep_freed_memory()  # each step's large tensors reuse the last step's memory instead of faulting it in
 
     # ---- features applied from outside the model, before the optimiser sees the parameters
+    reshard(model)  # the optimiser must hold the shards, whatever forward ran before
     if cfg.fp8:
         from .fp8 import convert_to_float8
 
@@ -193,6 +202,7 @@ def train(model: nn.Module, cfg: TrainConfig, data: DataSource | Iterator[Batch]
         with torch.no_grad():
             result = evaluate(model)
         model.train()
+        reshard(model)  # so that the next stage freezes and optimises the shards
         metrics.write({"stage": stage, "step": step, "kind": "eval", **result})
         return result
 
