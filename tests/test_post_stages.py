@@ -179,7 +179,32 @@ def test_rl_refilters_the_pool_to_medium_to_hard_prompts(chat_model):
     assert refilters == [0, 2]  # before the first batch, then every 2
 
 
-def test_rl_resumed_from_a_checkpoint_continues_with_the_same_losses(chat_model, tmp_path):
+def test_rl_fresh_candidates_each_refiltering_round(chat_model):
+    """With a function of the round, each re-filtering scores new problems and the pool indexes
+    them; a round that keeps too few leaves the previous candidates and pool in place."""
+    task = get_task("arithmetic")
+    rounds = {r: task.problems("train", 8, seed=r) for r in range(3)}
+    asked = []
+
+    def candidates(round):
+        asked.append(round)
+        return rounds[round]
+
+    varied = {p.key for p in rounds[0][:4] + rounds[1][:4]}  # round 2 is all-zero: nothing in the window
+    data = online(chat_model, candidates, Fixed(varied), refilter_every=1)
+    pools = []
+    for _ in range(3):
+        next(data)
+        pools.append([data.candidates[i].key for i in data.pool])
+    assert asked == [0, 1, 2]  # round 0 built once, up front
+    assert set(pools[0]) <= {p.key for p in rounds[0][:4]} and set(pools[1]) <= {p.key for p in rounds[1][:4]}
+    assert pools[2] == pools[1] and data.pool_round == 1 and data.rounds == 3
+
+
+@pytest.mark.parametrize("fresh", [False, True])
+def test_rl_resumed_from_a_checkpoint_continues_with_the_same_losses(chat_model, tmp_path, fresh):
+    """Interrupted after step 4, whose state has the pool of the second re-filtering (at step 4):
+    with fresh candidates, a resumed run must rebuild that round's candidates to draw step 5."""
     import copy
     import shutil
 
@@ -188,8 +213,9 @@ def test_rl_resumed_from_a_checkpoint_continues_with_the_same_losses(chat_model,
     from herd.train.loop import train
     from herd.train.post_losses import GRPOLoss
 
-    problems = get_task("arithmetic").problems("train", 6)
-    cfg = TrainConfig(steps=4, batch_size=1, lr=1e-2, warmup_steps=1, ckpt_every=2, eval_every=100, log_every=1,
+    task = get_task("arithmetic")
+    problems = (lambda round: task.problems("train", 6, seed=round)) if fresh else task.problems("train", 6)
+    cfg = TrainConfig(steps=6, batch_size=1, lr=1e-2, warmup_steps=1, ckpt_every=4, eval_every=100, log_every=1,
                       progress=False, balance="none")
 
     def fit(out):
@@ -201,13 +227,13 @@ def test_rl_resumed_from_a_checkpoint_continues_with_the_same_losses(chat_model,
                                                                               .read_text().splitlines())]
 
     whole = fit(tmp_path / "a")
-    assert len(whole) == 4 and any(loss != 0 for _, loss, _, _ in whole) and whole[-1][3] > 0
+    assert len(whole) == 6 and any(loss != 0 for _, loss, _, _ in whole) and whole[-1][3] > 0
     shutil.copytree(tmp_path / "a", tmp_path / "b")
-    shutil.rmtree(step_dirs(tmp_path / "b" / "checkpoints" / "rl")[-1])  # interrupted after step 2
+    shutil.rmtree(step_dirs(tmp_path / "b" / "checkpoints" / "rl")[-1])  # interrupted after step 4
     (tmp_path / "b" / "metrics.jsonl").write_text("")
     resumed = fit(tmp_path / "b")
-    assert [r[0] for r in resumed] == [3, 4]
-    for (_, *a), (_, *b) in zip(whole[2:], resumed):
+    assert [r[0] for r in resumed] == [5, 6]
+    for (_, *a), (_, *b) in zip(whole[4:], resumed):
         assert a == pytest.approx(b, rel=1e-6, abs=1e-7)
 
 

@@ -134,15 +134,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # post-training (herd/train/recipes.py: sft, dpo); 0 steps skips a stage
     post_tasks: str = "letters,arithmetic,scenes"  # verifiable tasks (scenes only with a vision tower)
-    post_eval_problems: int = 32  # held-out problems per task for the greedy accuracy
-    post_eval_samples: int = 4  # and sampled answers to each for the sampled measures (0: greedy only)
+    post_eval_problems: int = 128  # held-out problems per task for the greedy accuracy (32 left 9 points of noise)
+    post_eval_samples: int = 2  # and sampled answers to each for the sampled measures (0: greedy only)
     answer_tokens: int = 64  # most tokens a sampled or greedy answer may take
     sft_steps: int = 150
     sft_lr: float = 1e-3
     sft_problems: int = 256  # train-pool problems per task, before the easy ones are dropped
     sft_code: int = 256  # code instructions from the stdlib, before the easy ones are dropped
     sft_data: str = ""  # your conversations (TRL JSONL: messages, or prompt/completion) instead of tasks + code
-    tag_samples: int = 4  # sampled answers per problem for its pass@k difficulty tag
+    tag_samples: int = 2  # sampled answers per problem for its pass@k difficulty tag (ties: answer loss)
     tag_k: int = 1  # the k of pass@k
     easy_pass_rate: float = 0.5  # pass@k at or above this: easy, dropped
     easy_loss: float = 0.5  # code instructions whose answer loss (nats/token) is below this: easy, dropped
@@ -153,6 +153,7 @@ class RunConfig:
     rl_prompts: int = 8  # prompts per batch (groups), refilled after zero-advantage groups are dropped
     rl_group: int = 4  # sampled completions per prompt (G)
     rl_refilter_every: int = 10  # steps between re-scorings of the candidates by the current policy
+    rl_fresh: bool = True  # each re-scoring draws rl_problems new candidates per task (False: the same ones)
     rl_max_attempts: int = 4  # draws per batch at most while refilling
     rl_temperature: float = 0.7  # sampling temperature of the rollouts (1.0 left --quick's SFT model no reward)
     rl_eps_low: float = 0.2  # clip range below 1 ...
@@ -234,8 +235,7 @@ def quick() -> RunConfig:
     return RunConfig(out="runs/quick", tokenizer_bytes=2_000_000, code_bytes=3_000_000,
                      contrastive_steps=20, align_steps=20, joint_steps=40,
                      images=400, clips=40, heldout_images=24, samples=2, nll_files=4, nll_len=512,
-                     sft_steps=40, sft_lr=2e-3, sft_problems=32, sft_code=32, tag_samples=2, post_eval_problems=16,
-                     post_eval_samples=2,
+                     sft_steps=40, sft_lr=2e-3, sft_problems=32, sft_code=32, post_eval_problems=16,
                      answer_tokens=40, rl_steps=6, rl_problems=12, rl_prompts=4, rl_refilter_every=3,
                      dpo_steps=6, dpo_problems=12,
                      train=TrainConfig(steps=150, batch_size=8, seq_len=256, lr=3e-3, warmup_steps=15,
@@ -247,8 +247,7 @@ def smoke() -> RunConfig:
     return RunConfig(out="runs/smoke", bpe_ranks=1024, tokenizer_bytes=300_000, code_bytes=400_000,
                      contrastive_steps=3, align_steps=3, joint_steps=4,
                      images=64, clips=8, image_batch=8, heldout_images=8, samples=1, nll_files=2, nll_len=128,
-                     sft_steps=3, sft_problems=6, sft_code=6, tag_samples=2, post_eval_problems=4, post_eval_samples=2,
-                     answer_tokens=16,
+                     sft_steps=3, sft_problems=6, sft_code=6, post_eval_problems=4, answer_tokens=16,
                      rl_steps=3, rl_problems=4, rl_prompts=2, rl_group=2, rl_refilter_every=2, rl_max_attempts=2,
                      dpo_steps=3, dpo_problems=4, dpo_samples=2, dpo_pairs=2,
                      train=TrainConfig(steps=6, batch_size=4, seq_len=128, warmup_steps=2, eval_every=3,

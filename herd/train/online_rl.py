@@ -12,6 +12,9 @@ again until the batch is full or `max_attempts` draws were made (DAPO's dynamic 
 times and the pool becomes the candidates whose pass rate lies strictly inside the window
 (`keep_window`): medium-to-hard prompts, a curriculum that hardens as the policy improves (Llama
 4's continuous online RL). The candidates mix the tasks, text and image, so every batch does.
+`candidates` may be a function of the re-filtering round giving that round's candidates: with
+procedurally generated tasks each round then scores fresh problems, so the policy cannot learn a
+small pool by heart (docs/post-training.md measures it).
 
 Logged per batch (sums and counts, through the loss): reward, accuracy, format, completion
 tokens, the fraction of sampled groups dropped as zero-advantage, the draws it took, the rollouts
@@ -31,7 +34,7 @@ This sits apart from herd.train.rollouts because it uses the difficulty tagger, 
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -53,38 +56,46 @@ SEED_STRIDE = 1_000_003  # sampling call c seeds its rows seed + c * SEED_STRIDE
 class OnlineRollouts:
     """A DataSource of RLBatches sampled from `policy` (herd.train.loop). Its state (the pool as
     candidate indices, the position in the current order, the order's epoch, the number of sampling
-    calls, which seeds the next one) makes a resumed run draw and sample exactly what it would have.
+    calls, which seeds the next one, the re-filtering round, which picks fresh candidates) makes a
+    resumed run draw and sample exactly what it would have.
     `tasks` overrides the checker of a task by name (as in `sample_rollouts`). `tile_shape` (C, S, S):
     a batch without images carries empty pixel_values, so that every rank runs the vision tower."""
 
-    def __init__(self, policy: nn.Module, tokenizer: "Tokenizer", candidates: Sequence[Problem], *, prompts: int,
+    def __init__(self, policy: nn.Module, tokenizer: "Tokenizer",
+                 candidates: Sequence[Problem] | Callable[[int], Sequence[Problem]], *, prompts: int,
                  group_size: int, max_new_tokens: int, refilter_every: int, max_attempts: int = 4,
                  window: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0, seed: int = 0,
                  image_processor: "ImageProcessor | None" = None, tasks: Mapping[str, Task] | None = None,
                  rank: int = 0, world_size: int = 1, tile_shape: tuple[int, int, int] | None = None):
+        self.fresh = candidates if callable(candidates) else None
+        candidates = list(self.fresh(0) if self.fresh else candidates)
         if not 1 <= prompts * world_size <= len(candidates):
             raise ValueError(f"prompts per batch ({prompts}) times the {world_size} process(es) must be between 1 and "
                              f"the {len(candidates)} candidates; lower the prompts or add candidates")
         if refilter_every < 1 or max_attempts < 1:
             raise ValueError(f"refilter_every and max_attempts must be positive, got {refilter_every}, {max_attempts}")
-        self.policy, self.tokenizer, self.candidates = policy, tokenizer, list(candidates)
+        self.policy, self.tokenizer, self.candidates = policy, tokenizer, candidates
         self.prompts, self.group_size, self.max_new_tokens = prompts, group_size, max_new_tokens
         self.refilter_every, self.max_attempts, self.window = refilter_every, max_attempts, window
         self.temperature, self.seed, self.image_processor, self.tasks = temperature, seed, image_processor, tasks
         self.rank, self.world_size, self.tile_shape = rank, world_size, tile_shape
         self.pool = list(range(len(self.candidates)))
-        self.position = self.epoch = self.calls = self.batches = 0
+        self.position = self.epoch = self.calls = self.batches = self.rounds = self.pool_round = 0
         self.pool_pass_rate = 0.0
 
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         return {"pool": list(self.pool), "position": self.position, "epoch": self.epoch, "calls": self.calls,
-                "batches": self.batches, "pool_pass_rate": self.pool_pass_rate}
+                "batches": self.batches, "pool_pass_rate": self.pool_pass_rate, "rounds": self.rounds,
+                "pool_round": self.pool_round}
 
     def load_state_dict(self, state: dict) -> None:
         self.pool = list(state["pool"])
         self.position, self.epoch, self.calls = state["position"], state["epoch"], state["calls"]
         self.batches, self.pool_pass_rate = state["batches"], state["pool_pass_rate"]
+        self.rounds, self.pool_round = state.get("rounds", 0), state.get("pool_round", 0)
+        if self.fresh:  # the candidates the saved pool indexes
+            self.candidates = list(self.fresh(self.pool_round))
 
     # ---------------------------------------------------------------- sampling
     def _sample(self, problems: Sequence[Problem], first_row: int = 0) -> Rollouts:
@@ -113,16 +124,19 @@ class OnlineRollouts:
 
     def refilter(self) -> None:
         """The policy answers every candidate (each rank a block); the pool keeps those inside the
-        pass-rate window (the old pool stays if fewer than a batch's worth would)."""
+        pass-rate window (the old pool stays if fewer than a batch's worth would). With fresh
+        candidates, each round after the first scores a new set."""
         def pass_rates(block: list[Problem], start: int) -> list[float]:  # pass@1 from group_size samples
             rollouts = self._sample(block, first_row=start * self.group_size)
             return rollouts.grouped(rollouts.answer_rewards).mean(1).tolist()
 
-        rates = share_work(pass_rates, self.candidates, self.rank, self.world_size)
+        candidates = list(self.fresh(self.rounds)) if self.fresh and self.rounds else self.candidates
+        rates = share_work(pass_rates, candidates, self.rank, self.world_size)
         self.calls += 1
-        kept, _ = keep_window(list(range(len(self.candidates))), rates, *self.window)
+        kept, _ = keep_window(list(range(len(candidates))), rates, *self.window)
         if len(kept) >= self.prompts * self.world_size:
-            self.pool = kept
+            self.candidates, self.pool, self.pool_round = candidates, kept, self.rounds
+        self.rounds += 1
         self.pool_pass_rate = sum(rates) / len(rates)
         self.epoch, self.position = self.epoch + 1, 0
 

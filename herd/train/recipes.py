@@ -432,7 +432,11 @@ def rl(run: Run) -> Stage | None:
     if not cfg.rl_steps:
         return None
     run.pretrained_accuracy()
-    data = OnlineRollouts(run.generator(), run.tokenizer, run.train_problems(cfg.rl_problems, seed_offset=2),
+
+    def candidates(refiltering: int) -> list[Problem]:  # new problems for each re-filtering (rl_fresh)
+        return run.train_problems(cfg.rl_problems, seed_offset=2 + 1000 * refiltering)
+
+    data = OnlineRollouts(run.generator(), run.tokenizer, candidates if cfg.rl_fresh else candidates(0),
                           prompts=cfg.rl_prompts, group_size=cfg.rl_group, max_new_tokens=cfg.answer_tokens,
                           refilter_every=cfg.rl_refilter_every, max_attempts=cfg.rl_max_attempts,
                           temperature=cfg.rl_temperature, seed=tc.seed + 2, image_processor=run.post_processor,
