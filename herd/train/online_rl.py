@@ -67,8 +67,9 @@ class OnlineRollouts:
                  window: tuple[float, float] = (0.0, 1.0), temperature: float = 1.0, seed: int = 0,
                  image_processor: "ImageProcessor | None" = None, tasks: Mapping[str, Task] | None = None,
                  rank: int = 0, world_size: int = 1, tile_shape: tuple[int, int, int] | None = None):
-        self.fresh = candidates if callable(candidates) else None
-        candidates = list(self.fresh(0) if self.fresh else candidates)
+        fixed = None if callable(candidates) else list(candidates)
+        self.candidates_of = candidates if fixed is None else (lambda _round: fixed)  # round -> its candidates
+        candidates = list(self.candidates_of(0))
         if not 1 <= prompts * world_size <= len(candidates):
             raise ValueError(f"prompts per batch ({prompts}) times the {world_size} process(es) must be between 1 and "
                              f"the {len(candidates)} candidates; lower the prompts or add candidates")
@@ -94,8 +95,7 @@ class OnlineRollouts:
         self.position, self.epoch, self.calls = state["position"], state["epoch"], state["calls"]
         self.batches, self.pool_pass_rate = state["batches"], state["pool_pass_rate"]
         self.rounds, self.pool_round = state.get("rounds", 0), state.get("pool_round", 0)
-        if self.fresh:  # the candidates the saved pool indexes
-            self.candidates = list(self.fresh(self.pool_round))
+        self.candidates = list(self.candidates_of(self.pool_round))  # the candidates the saved pool indexes
 
     # ---------------------------------------------------------------- sampling
     def _sample(self, problems: Sequence[Problem], first_row: int = 0) -> Rollouts:
@@ -130,7 +130,7 @@ class OnlineRollouts:
             rollouts = self._sample(block, first_row=start * self.group_size)
             return rollouts.grouped(rollouts.answer_rewards).mean(1).tolist()
 
-        candidates = list(self.fresh(self.rounds)) if self.fresh and self.rounds else self.candidates
+        candidates = list(self.candidates_of(self.rounds)) if self.rounds else self.candidates  # round 0: built
         rates = share_work(pass_rates, candidates, self.rank, self.world_size)
         self.calls += 1
         kept, _ = keep_window(list(range(len(candidates))), rates, *self.window)
