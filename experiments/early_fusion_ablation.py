@@ -75,6 +75,7 @@ def main():
     tmp = Path(tempfile.mkdtemp())
     cfg = quick()
     cfg = dataclasses.replace(cfg, out=str(tmp), joint_steps=args.steps, align_steps=args.steps, clips=0,
+                              caption_fraction=0.25,  # 2 caption rows of 8, as documented
                               train=dataclasses.replace(cfg.train, steps=args.text_steps, progress=False,
                                                         eval_every=10**6, ckpt_every=10**6, log_every=50))
     train_texts, val_texts = code_documents(cfg)

@@ -217,17 +217,19 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
                      "task_accuracy": job.task_accuracy}
     with torch.no_grad():
         summary["final_code"] = job.code_eval(model)
+        pretrained = model
         if base_saved:  # the pretraining checks read the pretrained model, kept before post-training
             from .hf import from_pretrained
 
-            summary["base_code"] = job.code_eval(from_pretrained(out / "base"))
+            pretrained = from_pretrained(out / "base")
+            summary["base_code"] = job.code_eval(pretrained)
         summary["final_code_with_selection_bias"] = with_bias
         nll = nll_by_position(model, [d.tokens[:-1].tolist() for d in val_docs[: 4 * cfg.nll_files]], cfg.nll_len)
         summary["nll_by_position"] = nll.tolist()
         prompts = _code_prompts(val_texts, cfg.samples)
         summary["code_samples"] = _sample_code(model, tokenizer, prompts)
         if job.trained_on_images:
-            captions = generate_captions(model, job.heldout, tokenizer)
+            captions = generate_captions(pretrained, job.heldout, tokenizer)
             scenes = job.heldout_scenes()
             summary["captions"] = [{"caption": c, "truth": s.caption()} for c, s in zip(captions, scenes)]
             summary["caption_accuracy"] = caption_accuracy(captions, scenes)

@@ -157,9 +157,10 @@ def write_report(out: str | Path, summary: dict) -> Path:
                      f"{summary['final_code_with_selection_bias']['loss']:.3f} |")
     if "caption_accuracy" in summary:
         acc = summary["caption_accuracy"]
-        lines += [f"| held-out captions: named shapes present in the image | {acc['shape_precision']:.1%} "
+        whose = " of the pretrained base" if "base_code" in summary else ""  # captioning is a pretraining check
+        lines += [f"| held-out captions{whose}: named shapes present in the image | {acc['shape_precision']:.1%} "
                   f"(chance {acc['shape_chance']:.1%}, {acc['shapes_named']} shapes named over {acc['n']} images) |",
-                  f"| held-out captions: exactly right | {acc['exact']:.1%} |"]
+                  f"| held-out captions{whose}: exactly right | {acc['exact']:.1%} |"]
     for stage, res in summary["stages"].items():
         extras = ", ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float))
         lines.append(f"| stage `{stage}` (final) | {extras} |")

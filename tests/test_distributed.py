@@ -144,7 +144,8 @@ def test_two_processes_train_the_joint_stage_as_one_does(tmp_path):
     from herd.tokenizer import Tokenizer
     from herd.train.config import smoke
 
-    steps, common = smoke().joint_steps, ["smoke", "--stages=joint", "--images=3", "--code_bytes=100000"]
+    steps, common = smoke().joint_steps, ["smoke", "--stages=joint", "--images=3", "--code_bytes=100000",
+                                          "--caption_fraction=0.25"]  # 2 caption rows of 8, 1 per rank
     assert main(["train", *common, "--batch_size=8", f"--out={tmp_path / 'single'}"]) == 0
     tokenizer = tmp_path / "single" / "tokenizer"
     run_processes("-m", "herd.cli", "train", *common, "--batch_size=4", f"--tokenizer={tokenizer}",

@@ -26,6 +26,20 @@ def test_the_run_leaves_a_report_and_learns(run_dir):
     assert text[-1] < text[0]
     assert len(summary["nll_by_position"]) == summary["config"]["nll_len"] - 1
     assert summary["code_samples"] and summary["captions"]
+    # captioning checks pretraining: it reads the base, not the chat model post-training made of it
+    from herd.data.datasets import scene_documents
+    from herd.data.images import ImageProcessor
+    from herd.tokenizer import Tokenizer
+    from herd.train.captions import generate_captions
+    from herd.train.config import smoke
+    from herd.train.recipes import HELDOUT_START
+
+    tokenizer = Tokenizer.from_dir(run_dir / "model")
+    heldout = scene_documents(tokenizer, ImageProcessor(tile_size=64, patch_size=8, max_tiles=1),
+                              smoke().heldout_images, start=HELDOUT_START, seed=smoke().train.seed)
+    with torch.no_grad():
+        base = generate_captions(herd.from_pretrained(run_dir / "base"), heldout, tokenizer)
+    assert [c["caption"] for c in summary["captions"]] == base
     report = (run_dir / "report.md").read_text()
     for plot in ("loss", "expert_load", "nll_by_position", "throughput", "rl"):
         assert (run_dir / "plots" / f"{plot}.png").stat().st_size > 1000
@@ -77,7 +91,7 @@ def test_quick_run_learns(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_learns_code_and_captions(tmp_path):
-    """The README's main job itself (about 13 minutes on 2 quiet cores)."""
+    """The README's main job itself (about 14 minutes of pretraining and 6.5 of post-training on 2 quiet cores)."""
     assert main(["train", f"--out={tmp_path}"]) == 0
     summary = _check_learned(tmp_path)
     accuracy = summary["caption_accuracy"]

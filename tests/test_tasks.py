@@ -1,6 +1,8 @@
 """Verifiable tasks: splits that never overlap, levels, worked answers the checker accepts, and a
 checker whose two rewards catch wrong answers and bad format separately."""
 
+import re
+
 import pytest
 
 from herd.tasks import TASKS, Problem, get_task, parse_answer, word_list
@@ -102,6 +104,11 @@ def test_scene_questions_show_an_image_and_answer_from_the_scene():
         if p.prompt.startswith("Where is"):
             assert p.answer in p.worked.splitlines()[0]  # the caption names the place
     assert p.messages(with_answer=True)[-1] == {"role": "assistant", "content": p.worked}
+    # one question kind per level, levels in turn: each kind is a quarter of the problems
+    kinds = (r"How many shapes", r"How many (red|green|blue|yellow) shapes", r"What color is the \w+\?",
+             r"Where is the \w+\?")
+    assert all(re.fullmatch(kinds[p.level - 1] + r".*", p.prompt) for p in problems)
+    assert [p.level for p in problems[:8]] == [1, 2, 3, 4] * 2
     colour = next(p for p in problems if p.prompt.startswith("What color"))
     assert task.check(colour, f"Answer: {colour.answer.upper()}").answer == 1.0  # lenient on case
     with pytest.raises(ValueError, match="split"):

@@ -1,11 +1,13 @@
 """Questions about the synthetic scenes the vision stages draw (herd.data.synthetic): the
 multimodal task, so RL sees images as Meta's did.
 
-Levels: 1 = "How many shapes are there?", 2 = "What color is the triangle?" (asked only when the
-scene has exactly one), 3 = "Where is the circle?" (likewise; the answer is a place such as
-"top left") and "How many red shapes are there?". The scene (generator seed and index) is the split
-key, so held-out images are never seen in training. The worked answer first describes the whole
-scene (its caption), then answers: the description is what the vision stages taught.
+Levels, one question kind each so that every kind gets a quarter of the problems: 1 = "How many
+shapes are there?", 2 = "How many red shapes are there?", 3 = "What color is the triangle?" and
+4 = "Where is the circle?" (the answer is a place such as "top left"); 3 and 4 ask only about a
+shape the scene has exactly one of, so they must find it by its shape. The scene (generator seed
+and index) is the split key, so held-out images are never seen in training. The worked answer
+first describes the whole scene (its caption), then answers: the description is what the vision
+stages taught.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ SCENE_SEED = 7  # a generator of its own, apart from the scenes pretraining draw
 
 class SceneQuestions(Task):
     name = "scenes"
-    levels = (1, 2, 3)
+    levels = (1, 2, 3, 4)
     vision = True
 
     def __init__(self, image_size: int = 64, max_objects: int = 4, num_scenes: int = 1_000_000):
@@ -29,15 +31,15 @@ class SceneQuestions(Task):
         scene = make_scene(index, SCENE_SEED, self.max_objects)
         if level == 1:
             question, answer = "How many shapes are there?", str(len(scene.objects))
+        elif level == 2:
+            color = rng.choice(list(COLORS))
+            question, answer = f"How many {color} shapes are there?", str(scene.count(color=color))
         else:
             shape = rng.choice(SHAPES)
             alone = [o for o in scene.objects if o.shape == shape]
-            if level == 3 and rng.random() < 0.5:
-                color = rng.choice(list(COLORS))
-                question, answer = f"How many {color} shapes are there?", str(scene.count(color=color))
-            elif len(alone) != 1:
-                return None  # the question would be ambiguous; draw another
-            elif level == 2:
+            if len(alone) != 1:
+                return None  # the question would be ambiguous; draw another scene
+            if level == 3:
                 question, answer = f"What color is the {shape}?", alone[0].color
             else:
                 question, answer = f"Where is the {shape}?", alone[0].place

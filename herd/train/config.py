@@ -117,15 +117,15 @@ class RunConfig:
     tokenizer_bytes: int = 8_000_000  # training text for the tokenizer
     code_bytes: int = 0  # cap on the code corpus (0 = all of it)
     # steps per stage (text pretraining takes `train.steps`, i.e. --steps); 0 skips a stage
-    contrastive_steps: int = 100
-    align_steps: int = 100
-    joint_steps: int = 300
+    contrastive_steps: int = 1000
+    align_steps: int = 0  # Meta's adapter alignment; off by default (docs/training.md: the default run)
+    joint_steps: int = 400
     contrastive_lr: float = 2e-3
     align_lr: float = 2e-3
     joint_lr: float = 1e-3
-    images: int = 4000  # synthetic training scenes
+    images: int = 16000  # synthetic training scenes
     image_batch: int = 32  # image-caption pairs per micro-batch in the vision stages
-    caption_fraction: float = 0.25  # joint stage: share of rows that are image-caption rows
+    caption_fraction: float = 0.5  # joint stage: share of rows that are image-caption rows
     clips: int = 400  # joint stage: captioned synthetic clips (4 frames each) among the caption rows' documents
     samples: int = 4  # code samples and captions shown at the end
     heldout_images: int = 64  # held-out scenes for the captioning check
@@ -133,7 +133,7 @@ class RunConfig:
     nll_len: int = 1024
     train: TrainConfig = field(default_factory=TrainConfig)
     # post-training (herd/train/recipes.py: sft, dpo); 0 steps skips a stage
-    post_tasks: str = "letters,arithmetic,scenes"  # verifiable tasks (scenes only with a vision tower)
+    post_tasks: str = "letters,arithmetic,scenes"  # verifiable tasks (scenes and clips only with a vision tower)
     post_eval_problems: int = 128  # held-out problems per task for the greedy accuracy (32 left 9 points of noise)
     post_eval_samples: int = 2  # and sampled answers to each for the sampled measures (0: greedy only)
     answer_tokens: int = 64  # most tokens a sampled or greedy answer may take
@@ -225,8 +225,7 @@ def _check_choice(name: str, value: Any, choices) -> None:
 
 def default() -> RunConfig:
     """The main job: a tiny Llama 4 from scratch on a 2-core CPU in about 12-15 minutes."""
-    return RunConfig(contrastive_steps=100, align_steps=100, joint_steps=300,
-                     train=TrainConfig(steps=800, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50,
+    return RunConfig(train=TrainConfig(steps=800, batch_size=16, seq_len=256, lr=3e-3, warmup_steps=50,
                                        eval_every=200, ckpt_every=200))
 
 

@@ -208,8 +208,9 @@ class Run:
     # ---------------------------------------------------------------- verifiable tasks (post-training)
     @cached_property
     def post_tasks(self) -> list[Task]:
-        """The run's tasks; the scene questions only when the model has a vision tower."""
-        return [get_task(name) for name in self.cfg.post_task_names if name != "scenes" or self.vision is not None]
+        """The run's tasks; those that show images (scenes, clips) only when the model has a vision tower."""
+        tasks = [get_task(name) for name in self.cfg.post_task_names]
+        return [task for task in tasks if not task.vision or self.vision is not None]
 
     @property
     def post_processor(self) -> ImageProcessor | None:
