@@ -168,7 +168,7 @@ def write_report(out: str | Path, summary: dict) -> Path:
     accuracy = summary.get("task_accuracy", {})
     if accuracy:
         tasks = [t for t in accuracy["pretrained"] if not t.endswith(("_format", "_sampled"))]
-        sampled = f"{tasks[0]}_sampled" in accuracy["pretrained"]
+        sampled = any(f"{tasks[0]}_sampled" in acc for acc in accuracy.values())
         lines += ["## Post-training: held-out accuracy per task", "",
                   "Answers to held-out problems, scored by the tasks' checkers: right answers, and in brackets "
                   "the share of well-formed answers that stopped on their own" +
@@ -179,8 +179,9 @@ def write_report(out: str | Path, summary: dict) -> Path:
                   "|---" * (len(tasks) * (1 + sampled) + 1) + "|"]
         for stage, acc in accuracy.items():
             cells = [f"{acc[t]:.0%} ({acc[f'{t}_format']:.0%})" for t in tasks]
-            if sampled:
-                cells += [f"{acc[f'{t}_sampled']:.0%} ({acc[f'{t}_sampled_format']:.0%})" for t in tasks]
+            if sampled:  # not measured for the base (herd.train.recipes.Run.pretrained_accuracy)
+                cells += [f"{acc[f'{t}_sampled']:.0%} ({acc[f'{t}_sampled_format']:.0%})" if f"{t}_sampled" in acc
+                          else "–" for t in tasks]
             lines.append(f"| {stage} | " + " | ".join(cells) + " |")
         sft = summary["stages"].get("sft", {})
         if "dropped_easy" in sft:

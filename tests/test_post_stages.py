@@ -92,9 +92,14 @@ def test_herd_train_post_trains_keeps_the_base_and_reports_accuracy_per_stage(tm
     assert "SFT dropped" in report
     # the sampled measures (post_eval_samples answers per problem): accuracy and tidy, stopped answers
     assert cfg.post_eval_samples >= 2 and "letters, sampled" in report
-    for acc in summary["task_accuracy"].values():
+    for stage, acc in summary["task_accuracy"].items():
         for task in ("letters", "arithmetic", "scenes"):
-            assert 0 <= acc[f"{task}_sampled"] <= 1 and 0 <= acc[f"{task}_sampled_format"] <= 1
+            if stage == "pretrained":  # the base is measured greedy only: it cannot chat yet
+                assert f"{task}_sampled" not in acc
+            else:
+                assert 0 <= acc[f"{task}_sampled"] <= 1 and 0 <= acc[f"{task}_sampled_format"] <= 1
+    base_row = next(line for line in report.splitlines() if line.startswith("| pretrained |"))
+    assert base_row.endswith(" | – |")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -225,12 +225,12 @@ class Run:
         return [p for task in self.post_tasks
                 for p in task.problems("train", count, seed=self.cfg.train.seed + seed_offset)]
 
-    def task_eval(self, model: nn.Module) -> dict:
+    def task_eval(self, model: nn.Module, sampled: bool = True) -> dict:
         """Greedy held-out accuracy per task (and the share of well-formed answers), by the checkers;
-        with post_eval_samples, the same measured on sampled answers (at the RL temperature). Under
-        torchrun each rank answers a block of the problems."""
+        with post_eval_samples and `sampled`, the same measured on sampled answers (at the RL
+        temperature). Under torchrun each rank answers a block of the problems."""
         cfg, generator = self.cfg, self.generator(model)
-        problems, samples = self.task_heldout, cfg.post_eval_samples
+        problems, samples = self.task_heldout, cfg.post_eval_samples if sampled else 0
         scores = self.share(lambda block, _: task_scores(generator, self.tokenizer, block,
                                                          max_new_tokens=cfg.answer_tokens,
                                                          image_processor=self.post_processor), problems)
@@ -244,9 +244,12 @@ class Run:
         return result
 
     def pretrained_accuracy(self) -> None:
-        """The base model's held-out accuracy, measured once, before the first post-training stage."""
+        """The base model's held-out accuracy, measured once, before the first post-training stage:
+        greedy only. A base model never learned to chat: its sampled answers score what its greedy
+        ones score (nothing), and as it seldom stops they mostly run to `answer_tokens`, which made
+        them the dearest evaluation of the run."""
         if "pretrained" not in self.task_accuracy:
-            self.task_accuracy["pretrained"] = self.task_eval(self.model)
+            self.task_accuracy["pretrained"] = self.task_eval(self.model, sampled=False)
 
     # ---------------------------------------------------------------- generating under torchrun
     # A forward of the FSDP2 model is a series of collectives every rank must join, and generating
