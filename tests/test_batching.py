@@ -115,16 +115,18 @@ def test_seeded_sampling_ignores_the_rest_of_the_batch():
     model = tiny_model(chunk=8)
     prompt, *others = random_rows([6, 9, 4, 13], seed=4)
 
-    def sampled(seed, company):
+    def sampled(seed, company, same_options=False):
         request = Request("x", prompt, SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=seed,
                                                       stop_token_ids=()))
-        rest = [Request(f"o{i}", p, SamplingParams(max_tokens=10, temperature=1.0, stop_token_ids=()))
+        top_p = 0.9 if same_options else 1.0
+        rest = [Request(f"o{i}", p, SamplingParams(max_tokens=10, temperature=1.0, top_p=top_p, stop_token_ids=()))
                 for i, p in enumerate(company)]
         arrivals = {0: rest[:1] + [request], 2: rest[1:]} if rest else {0: [request]}
         return run(Engine(model, max_batch=3, token_budget=16), arrivals)[0]["x"]
 
     alone = sampled(7, [])
     assert sampled(7, others) == alone
+    assert sampled(7, others, same_options=True) == alone  # sampled in one call with the others
     assert sampled(7, others[::-1]) == alone
     assert sampled(8, others) != alone
     assert sampled(-3, []) == sampled(-3 + 2**64, others)  # any integer seed, taken modulo 2**64

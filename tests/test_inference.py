@@ -145,6 +145,24 @@ def test_sample_respects_top_k_and_top_p():
     assert set(sample(logits, 1.0, generator=g).tolist()) == {0, 1, 2, 3}
 
 
+def test_sampled_tokens_follow_the_distribution_and_never_a_filtered_one():
+    from herd.inference.sampling import _inverse_cdf, sample_rows
+
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(sample(probs.log().expand(40_000, 4), 1.0, generator=g), minlength=4)
+    torch.testing.assert_close(counts / 40_000, probs, atol=0.01, rtol=0)
+    # the extreme uniforms land on the first and last tokens of positive probability
+    edges = torch.tensor([[0.0, 0.5, 0.5, 0.0]] * 3)
+    assert _inverse_cdf(edges, torch.tensor([0.0, 0.5, 1 - 1e-9])).tolist() == [1, 2, 2]
+    # rows with their own options and generators: greedy rows are the argmax, a seeded row is its generator's
+    logits = torch.randn(4, 50)
+    tokens = sample_rows(logits, [(0.0, 1.0, None), (1.0, 1.0, 1), (0.7, 0.9, None), (0.7, 0.9, None)],
+                         [None, None, torch.Generator().manual_seed(3), None])
+    assert tokens[0] == logits[0].argmax() and tokens[1] == logits[1].argmax()  # top_k=1 is greedy
+    assert tokens[2] == sample(logits[2:3], 0.7, 0.9, generator=torch.Generator().manual_seed(3))[0]
+
+
 @pytest.mark.parametrize("kwargs, name", [
     (dict(temperature=-0.1), "temperature"),
     (dict(top_p=0.0), "top_p"),

@@ -43,7 +43,7 @@ import torch
 from ..model.llama4 import Llama4
 from .cache import EMPTY, StaticKVCache
 from .compiled import check_compilable, compiled_step
-from .sampling import check_sampling, sample
+from .sampling import check_sampling, sample_rows
 
 
 @dataclass
@@ -294,8 +294,7 @@ class Engine:
             logits = out.logits[:, -1].float()
         for s in seqs:
             self.cache.lengths[s.row] += 1
-        for s in seqs:
-            self._next_token(s, logits[s.row], outputs)
+        self._next_tokens(seqs, logits[[s.row for s in seqs]], outputs)
 
     def _prefill(self, seq: _Sequence, n: int, outputs: list[StepOutput]):
         """The next n prompt tokens of `seq`; the piece that completes the prompt gives its first token."""
@@ -319,24 +318,27 @@ class Engine:
             outputs.append(self._output(seq, [], None, "length"))
             self._free(seq)
             return
-        self._next_token(seq, logits[-1], outputs)
+        self._next_tokens([seq], logits[-1:], outputs)
 
     # ---------------------------------------------------------------- tokens and outputs
-    def _next_token(self, seq: _Sequence, logits: torch.Tensor, outputs: list[StepOutput]):
-        """Samples seq's next token from its logits [V] with its own parameters and generator."""
-        sp = seq.request.sampling
-        token = int(sample(logits[None], sp.temperature, sp.top_p, sp.top_k, seq.generator)[0])
-        seq.tokens.append(token)
-        logprobs = None
-        if sp.logprobs is not None:
-            lp = logits.log_softmax(-1)
-            top = torch.topk(lp, sp.logprobs) if sp.logprobs else None
-            best = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
-            logprobs = [TokenLogprob(token, float(lp[token]), best)]
-        reason = "stop" if token in seq.stops else "length" if len(seq.tokens) >= sp.max_tokens else None
-        outputs.append(self._output(seq, [token], logprobs, reason))
-        if reason is not None:
-            self._free(seq)
+    def _next_tokens(self, seqs: list[_Sequence], logits: torch.Tensor, outputs: list[StepOutput]):
+        """Samples each seq's next token from its row of logits [len(seqs), V], with its own
+        parameters and generator, in one call for the batch (herd.inference.sampling)."""
+        params = [s.request.sampling for s in seqs]
+        tokens = sample_rows(logits, [(sp.temperature, sp.top_p, sp.top_k) for sp in params],
+                             [s.generator for s in seqs]).tolist()
+        for seq, sp, row, token in zip(seqs, params, logits, tokens):
+            seq.tokens.append(token)
+            logprobs = None
+            if sp.logprobs is not None:
+                lp = row.log_softmax(-1)
+                top = torch.topk(lp, sp.logprobs) if sp.logprobs else None
+                best = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+                logprobs = [TokenLogprob(token, float(lp[token]), best)]
+            reason = "stop" if token in seq.stops else "length" if len(seq.tokens) >= sp.max_tokens else None
+            outputs.append(self._output(seq, [token], logprobs, reason))
+            if reason is not None:
+                self._free(seq)
 
     def _output(self, seq: _Sequence, tokens: list[int], logprobs, reason: str | None) -> StepOutput:
         prompt_logprobs = None
