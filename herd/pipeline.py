@@ -175,6 +175,12 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     base_saved = False
     for recipe in recipes:
         start = time.perf_counter()
+        if recipe in POST_TRAINING:
+            # Post-training starts from the base as saved and trains what ships: the reference
+            # forward, without the pretraining stages' MoE selection biases, which no HF checkpoint
+            # keeps (its stages balance "none"; before, they were tagged, trained and scored with
+            # biases the saved model then lacked).
+            LoadBalancer(model, "none").detach()
         stage = recipe(job)
         if stage is None:
             continue
@@ -191,8 +197,10 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
 
     # ---- results: checkpoint, evaluations, samples
     model.eval()
-    with torch.no_grad():
-        with_bias = job.code_eval(model)
+    with_bias = None
+    if any(getattr(m, "selection_bias", None) is not None for m in model.modules()):  # pretraining only
+        with torch.no_grad():
+            with_bias = job.code_eval(model)
     # The selection bias steered training only; the checkpoint (and everything below) is the plain
     # reference forward that transformers also runs.
     LoadBalancer(model, "none").detach()
@@ -223,7 +231,8 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
 
             pretrained = from_pretrained(out / "base")
             summary["base_code"] = job.code_eval(pretrained)
-        summary["final_code_with_selection_bias"] = with_bias
+        if with_bias is not None:
+            summary["final_code_with_selection_bias"] = with_bias
         nll = nll_by_position(model, [d.tokens[:-1].tolist() for d in val_docs[: 4 * cfg.nll_files]], cfg.nll_len)
         summary["nll_by_position"] = nll.tolist()
         prompts = _code_prompts(val_texts, cfg.samples)

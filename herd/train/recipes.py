@@ -422,8 +422,8 @@ def sft(run: Run) -> Stage | None:
     images = any(d.pixel_values is not None for d in docs)
     rows = run.loader(docs, tc.batch_size, tc.seed + 11, whole_documents=True,
                       tile_shape=run.empty_tiles if images else None)
-    return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr), rows, causal_lm_loss, ("",), evaluate,
-                 images=images)
+    return Stage("sft", run.stage_config(cfg.sft_steps, cfg.sft_lr, balance="none"), rows, causal_lm_loss, ("",),
+                 evaluate, images=images)
 
 
 def rl(run: Run) -> Stage | None:
