@@ -91,7 +91,7 @@ def test_quick_run_learns(tmp_path):
 
 @pytest.mark.slow
 def test_default_run_learns_code_and_captions(tmp_path):
-    """The README's main job itself (about 14 minutes of pretraining and 6.5 of post-training on 2 quiet cores)."""
+    """The README's main job itself (about 14 minutes of pretraining and 6 of post-training on 2 quiet cores)."""
     assert main(["train", f"--out={tmp_path}"]) == 0
     summary = _check_learned(tmp_path)
     accuracy = summary["caption_accuracy"]
