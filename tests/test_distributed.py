@@ -298,8 +298,9 @@ def test_two_processes_post_train_on_the_tasks_as_one_does(tmp_path, tiny_checkp
     single, two = stage_records(tmp_path / "single"), stage_records(tmp_path / "two")
     assert single.keys() == two.keys() == {(stage, s) for stage in ("sft", "rl", "dpo") for s in (1, 2, 3)}
     for key in single:
+        rel = 1e-4 if key[0] == "dpo" else 1e-5  # DPO's difference of summed log-probabilities: see above
         for name in ("loss", "rollouts") if key[0] == "rl" else ("loss",):
-            assert two[key][name] == pytest.approx(single[key][name], rel=1e-5, abs=1e-6), (key, name)
+            assert two[key][name] == pytest.approx(single[key][name], rel=rel, abs=1e-6), (key, name)
     assert two[("dpo", 1)]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     summaries = [json.loads((tmp_path / run / "summary.json").read_text()) for run in ("single", "two")]
     assert summaries[0]["stages"]["dpo"]["pairs"] == summaries[1]["stages"]["dpo"]["pairs"] > 0
