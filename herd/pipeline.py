@@ -176,10 +176,9 @@ def run(cfg: RunConfig, stages: Sequence[str | Recipe] = STAGES) -> dict:
     for recipe in recipes:
         start = time.perf_counter()
         if recipe in POST_TRAINING:
-            # Post-training starts from the base as saved and trains what ships: the reference
-            # forward, without the pretraining stages' MoE selection biases, which no HF checkpoint
-            # keeps (its stages balance "none"; before, they were tagged, trained and scored with
-            # biases the saved model then lacked).
+            # Post-training trains and scores the model it saves: the reference forward, without the
+            # pretraining stages' MoE selection biases, which no HF checkpoint keeps (its stages
+            # balance "none" so none come back).
             LoadBalancer(model, "none").detach()
         stage = recipe(job)
         if stage is None:
